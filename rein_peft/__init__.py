@@ -1,0 +1,38 @@
+"""rein_peft: Rein ("Stronger, Fewer, & Superior", CVPR 2024) as a PEFT method for Hugging Face vision transformers.
+
+`import rein_peft` registers the method with PEFT, so that `peft.get_peft_model(model, ReinConfig(...))`,
+`PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it.
+"""
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+from .config import ReinConfig, ReinPeftType
+from .convert import convert_official_checkpoint
+from .discovery import ReinUnsupportedModelError
+from .layer import ReinLayer
+from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Register Rein in PEFT's method tables. Runs on import; calling it again changes nothing."""
+    PEFT_TYPE_TO_CONFIG_MAPPING[ReinPeftType.REIN] = ReinConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[ReinPeftType.REIN] = ReinModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[ReinPeftType.REIN] = ReinModel.prefix
+
+
+register()
+
+__all__ = [
+    "ReinConfig",
+    "ReinLayer",
+    "ReinMergeError",
+    "ReinModel",
+    "ReinPeftType",
+    "ReinStateDictError",
+    "ReinUnsupportedModelError",
+    "convert_official_checkpoint",
+    "get_queries",
+    "register",
+]

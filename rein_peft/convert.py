@@ -1,0 +1,1 @@
+def convert_official_checkpoint(*a, **k): raise NotImplementedError

@@ -1,0 +1,206 @@
+"""Find, from the structure of a model, what Rein needs to know about it.
+
+Nothing here is a list of known paths. The rules, in order:
+
+- patch embedding: the first module that is a patchifying `Conv2d` (kernel == stride > 1) or is named
+  `patch_embedding` / `patch_embeddings` (transformers' name for it, also where it is a `Linear`, as in SigLIP2);
+- encoder layers: the `nn.ModuleList` of same-class blocks that sits closest to the patch embedding (so the vision
+  tower of `CLIPModel`, not its text tower, and the backbone of a segmentation model, not its decoder);
+- hidden size C: `in_features` of the first `nn.Linear` inside the first targeted layer;
+- prefix tokens: the learned tokens the embedding prepends to the patches, i.e. the parameters named `*_token(s)` or
+  `class_embedding` (not `mask_token`, which replaces patches) of the nearest ancestor of the patch embedding that has
+  any: CLS 1, DeiT CLS + distillation 2, DINOv2 with registers 1 + R, SigLIP 0;
+- layout: batch-first unless the layer holds a torch `nn.MultiheadAttention` built with `batch_first=False`;
+- patch size: the patchifying convolution's kernel, else `patch_size` in the model's config (or its vision/backbone
+  sub-config).
+
+`ReinConfig.target_modules`, `num_prefix_tokens`, `batch_first` and `patch_size` override each rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from .config import ReinConfig
+
+PATCH_EMBEDDING_NAMES = ("patch_embedding", "patch_embeddings")
+PREFIX_TOKEN_SUFFIXES = ("_token", "_tokens")
+PREFIX_TOKEN_NAMES = ("class_embedding",)
+NOT_PREFIX_TOKEN_NAMES = ("mask_token",)
+SUB_CONFIG_NAMES = ("vision_config", "backbone_config")
+CONTAINER_TYPES = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+class ReinUnsupportedModelError(ValueError):
+    """Rein cannot find what it needs in this model without help from the config."""
+
+
+@dataclass(frozen=True)
+class ReinTargets:
+    """Where and how Rein attaches to one model."""
+
+    layer_names: list[str]
+    holder_name: str
+    hidden_size: int
+    num_prefix_tokens: int
+    batch_first: bool
+    patch_size: int
+
+
+def _how_to_configure(model: nn.Module) -> str:
+    return (
+        f"Rein found no vision-transformer encoder in {type(model).__name__}. Set "
+        "`ReinConfig(target_modules=[...], num_prefix_tokens=...)`: target_modules names the encoder layers (a "
+        "regex such as r'.*encoder\\.layers\\.\\d+' or a list of names), num_prefix_tokens the tokens before the "
+        "patch tokens (1 for a CLS token, 0 for none); set patch_size too if the model has no patch embedding."
+    )
+
+
+def _parent_name(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def find_patch_embedding(model: nn.Module) -> Optional[str]:
+    """Name of the model's (first) patch embedding, or None."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in PATCH_EMBEDDING_NAMES:
+            return name
+        if isinstance(module, nn.Conv2d) and module.kernel_size == module.stride and module.kernel_size[0] > 1:
+            return name
+    return None
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    length = 0
+    for part_a, part_b in zip(a.split("."), b.split(".")):
+        if part_a != part_b:
+            break
+        length += 1
+    return length
+
+
+def find_layer_list(model: nn.Module, anchor_name: str) -> Optional[str]:
+    """Name of the `ModuleList` of same-class blocks closest to `anchor_name` (ties: the larger one)."""
+    candidates = []
+    for name, module in model.named_modules():
+        blocks = list(module) if isinstance(module, nn.ModuleList) else []
+        if not blocks or len({type(block) for block in blocks}) != 1 or not list(blocks[0].children()):
+            continue
+        num_params = sum(p.numel() for p in module.parameters())
+        candidates.append((_common_prefix_length(name, anchor_name), num_params, name))
+    return max(candidates)[2] if candidates else None
+
+
+def count_prefix_tokens(model: nn.Module, patch_embedding_name: str, hidden_size: int) -> int:
+    """Learned tokens prepended to the patch tokens, read off the nearest embedding module that has any."""
+    name = patch_embedding_name
+    while name:
+        name = _parent_name(name)
+        count = 0
+        for param_name, param in model.get_submodule(name).named_parameters(recurse=False):
+            is_prefix = param_name.endswith(PREFIX_TOKEN_SUFFIXES) or param_name in PREFIX_TOKEN_NAMES
+            if is_prefix and param_name not in NOT_PREFIX_TOKEN_NAMES:
+                count += param.numel() // hidden_size
+        if count:
+            return count
+    return 0
+
+
+def find_patch_size(model: nn.Module, patch_embedding_name: Optional[str]) -> Optional[int]:
+    if patch_embedding_name is not None:
+        for module in model.get_submodule(patch_embedding_name).modules():
+            if isinstance(module, nn.Conv2d) and module.kernel_size == module.stride:
+                return module.kernel_size[0]
+    config = getattr(model, "config", None)
+    for sub_config in [config] + [getattr(config, name, None) for name in SUB_CONFIG_NAMES]:
+        patch_size = getattr(sub_config, "patch_size", None)
+        if patch_size is not None:
+            return patch_size if isinstance(patch_size, int) else patch_size[0]
+    return None
+
+
+def _holder_name(model: nn.Module, layer_names: list[str]) -> str:
+    """The nearest common ancestor of the layers that is not a container (a ModuleList cannot take an attribute)."""
+    parents = [_parent_name(name).split(".") for name in layer_names]
+    common = []
+    for parts in zip(*parents):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    holder = ".".join(common)
+    while holder and isinstance(model.get_submodule(holder), CONTAINER_TYPES):
+        holder = _parent_name(holder)
+    return holder
+
+
+def _hidden_size(model: nn.Module, layer_name: str) -> int:
+    for module in model.get_submodule(layer_name).modules():
+        if isinstance(module, nn.Linear):
+            return module.in_features
+    raise ReinUnsupportedModelError(
+        f"Target '{layer_name}' of {type(model).__name__} contains no nn.Linear, so it is not a transformer layer. "
+        "Point `target_modules` at the encoder layers."
+    )
+
+
+def _batch_first(model: nn.Module, layer_name: str) -> bool:
+    for module in model.get_submodule(layer_name).modules():
+        if isinstance(module, nn.MultiheadAttention):
+            return module.batch_first
+    return True
+
+
+def _auto_layer_names(model: nn.Module, config: ReinConfig, patch_embedding: Optional[str]) -> list[str]:
+    layer_list = find_layer_list(model, patch_embedding) if patch_embedding is not None else None
+    if layer_list is None:
+        raise ReinUnsupportedModelError(_how_to_configure(model))
+    num_layers = len(model.get_submodule(layer_list))
+    indices = list(range(num_layers)) if config.layers_to_transform is None else config.layers_to_transform
+    bad = [index for index in indices if not 0 <= index < num_layers]
+    if bad:
+        raise ValueError(
+            f"layers_to_transform={config.layers_to_transform} asks for layers {bad}, but {type(model).__name__} "
+            f"has {num_layers} encoder layers ('{layer_list}.0' to '{layer_list}.{num_layers - 1}')."
+        )
+    return [f"{layer_list}.{index}" for index in sorted(set(indices))]
+
+
+def discover(model: nn.Module, config: ReinConfig) -> ReinTargets:
+    """Resolve the layers Rein refines and the backbone's geometry, for `config` on `model`."""
+    patch_embedding = find_patch_embedding(model)
+    if config.target_modules is None:
+        layer_names = _auto_layer_names(model, config, patch_embedding)
+    else:
+        layer_names = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
+        if not layer_names:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
+                f"matched no module of {type(model).__name__}. Use the names printed by `model.named_modules()`, "
+                "e.g. r'.*encoder\\.layer\\.\\d+'."
+            )
+
+    hidden_size = _hidden_size(model, layer_names[0])
+    num_prefix_tokens = config.num_prefix_tokens
+    if num_prefix_tokens is None:
+        if patch_embedding is None:
+            raise ReinUnsupportedModelError(_how_to_configure(model))
+        num_prefix_tokens = count_prefix_tokens(model, patch_embedding, hidden_size)
+    patch_size = config.patch_size or find_patch_size(model, patch_embedding)
+    if patch_size is None:
+        raise ReinUnsupportedModelError(
+            f"Rein found no patch size in {type(model).__name__} (used to initialise the tokens). "
+            "Set `ReinConfig(patch_size=...)`."
+        )
+    batch_first = config.batch_first if config.batch_first is not None else _batch_first(model, layer_names[0])
+    return ReinTargets(
+        layer_names=layer_names,
+        holder_name=_holder_name(model, layer_names),
+        hidden_size=hidden_size,
+        num_prefix_tokens=num_prefix_tokens,
+        batch_first=batch_first,
+        patch_size=patch_size,
+    )

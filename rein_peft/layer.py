@@ -1,0 +1,203 @@
+"""The Rein adapter module and the forward hook that applies it after each encoder layer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import ReinConfig
+
+
+@dataclass(frozen=True)
+class ReinSettings:
+    """What one adapter needs to know about the backbone it refines, resolved when it is injected.
+
+    Attributes:
+        hidden_size: C, the width of the hidden states.
+        num_prefix_tokens: Tokens at the start of the sequence that pass through untouched.
+        batch_first: `True` for `[B, S, C]` hidden states, `False` for `[S, B, C]`.
+        use_softmax: See `ReinConfig.use_softmax`.
+        layer_rows: Name of each targeted layer -> its row in the `[L, ...]` token tables.
+    """
+
+    hidden_size: int
+    num_prefix_tokens: int
+    batch_first: bool
+    use_softmax: bool
+    layer_rows: dict[str, int]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_rows)
+
+
+class ReinLayer(nn.Module, BaseTunerLayer):
+    """Owns every tensor of every Rein adapter of one model; attached to the module that holds the encoder layers.
+
+    Parameters per adapter (L targeted layers, M tokens, C hidden size, r low rank, Q query width):
+
+    - `rein_tokens[name]`: `[L, M, C]`, or `rein_tokens_a[name]`: `[L, M, r]` and `rein_tokens_b[name]`: `[L, r, C]`
+    - `rein_token2feat[name]`, `rein_delta_f[name]`: `Linear(C, C)` shared by all layers
+    - `rein_scale[name]`: `[1]` (absent with `zero_mlp_delta_f`, where the scale is the constant 1.0)
+    - `rein_transform[name]`: `Linear(C, Q)`, `rein_merge[name]`: `Linear(3Q, Q)` with query linking
+
+    The encoder layers are not wrapped: each carries a `ReinHook` forward hook that calls `refine` with its name.
+    """
+
+    adapter_layer_names = (
+        "rein_tokens",
+        "rein_tokens_a",
+        "rein_tokens_b",
+        "rein_scale",
+        "rein_token2feat",
+        "rein_delta_f",
+        "rein_transform",
+        "rein_merge",
+    )
+    other_param_names = ("rein_settings",)
+
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        # empty, follows `.to()`: tells where adapters loaded elsewhere (low_cpu_mem_usage) belong
+        self.register_buffer("device_anchor", torch.empty(0, device=device), persistent=False)
+        self.rein_tokens = nn.ParameterDict()
+        self.rein_tokens_a = nn.ParameterDict()
+        self.rein_tokens_b = nn.ParameterDict()
+        self.rein_scale = nn.ParameterDict()
+        self.rein_token2feat = nn.ModuleDict()
+        self.rein_delta_f = nn.ModuleDict()
+        self.rein_transform = nn.ModuleDict()
+        self.rein_merge = nn.ModuleDict()
+        self.rein_settings: dict[str, ReinSettings] = {}
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: ReinConfig,
+        settings: ReinSettings,
+        patch_size: int,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        """Create and initialise the tensors of a new adapter, as the official Rein code does (see REIN.md)."""
+        num_layers, hidden_size, token_length = settings.num_layers, settings.hidden_size, config.token_length
+        factory = {"device": device}
+        if config.lora_dim is None:
+            bound = math.sqrt(6.0 / (3 * patch_size * patch_size + hidden_size))
+            tokens = torch.empty(num_layers, token_length, hidden_size, **factory)
+            self.rein_tokens[adapter_name] = nn.Parameter(nn.init.uniform_(tokens, -bound, bound))
+        else:
+            rank = config.lora_dim
+            bound = math.sqrt(6.0 / (3 * patch_size * patch_size + math.sqrt(hidden_size * rank)))
+            tokens_a = torch.empty(num_layers, token_length, rank, **factory)
+            tokens_b = torch.empty(num_layers, rank, hidden_size, **factory)
+            self.rein_tokens_a[adapter_name] = nn.Parameter(nn.init.uniform_(tokens_a, -bound, bound))
+            self.rein_tokens_b[adapter_name] = nn.Parameter(nn.init.uniform_(tokens_b, -bound, bound))
+        # nn.Linear's own init is kaiming_uniform(a=sqrt(5)) for the weight and the torch default for the bias
+        self.rein_token2feat[adapter_name] = nn.Linear(hidden_size, hidden_size, **factory)
+        self.rein_delta_f[adapter_name] = nn.Linear(hidden_size, hidden_size, **factory)
+        if config.zero_mlp_delta_f:
+            nn.init.zeros_(self.rein_delta_f[adapter_name].weight)
+            nn.init.zeros_(self.rein_delta_f[adapter_name].bias)
+        else:
+            # stored as [1], not 0-dim: FSDP2's fully_shard refuses scalar parameters
+            self.rein_scale[adapter_name] = nn.Parameter(torch.full((1,), config.scale_init, **factory))
+        if config.link_token_to_query:
+            self.rein_transform[adapter_name] = nn.Linear(hidden_size, config.query_dims, **factory)
+            self.rein_merge[adapter_name] = nn.Linear(3 * config.query_dims, config.query_dims, **factory)
+        self.rein_settings[adapter_name] = settings
+
+    def get_tokens(self, adapter_name: str, row: Optional[int] = None) -> torch.Tensor:
+        """Tokens of one layer (`[M, C]`), or of all layers (`[L, M, C]`) when `row` is None."""
+        if adapter_name in self.rein_tokens:
+            tokens = self.rein_tokens[adapter_name]
+            return tokens if row is None else tokens[row]
+        tokens_a, tokens_b = self.rein_tokens_a[adapter_name], self.rein_tokens_b[adapter_name]
+        if row is None:
+            return tokens_a @ tokens_b  # [L, M, r] @ [L, r, C] -> [L, M, C]
+        return tokens_a[row] @ tokens_b[row]  # [M, r] @ [r, C] -> [M, C]
+
+    def get_queries(self, adapter_name: str) -> torch.Tensor:
+        """The `[M, Q]` object queries linked from all layers' tokens (max, mean and last over layers, merged)."""
+        if adapter_name not in self.rein_transform:
+            raise ValueError(
+                f"Adapter '{adapter_name}' has no query linking; create it with ReinConfig(link_token_to_query=True)."
+            )
+        projected = self.rein_transform[adapter_name](self.get_tokens(adapter_name))  # [L, M, Q]
+        projected = projected.permute(1, 2, 0)  # [M, Q, L]
+        pooled = torch.stack([projected.amax(-1), projected.mean(-1), projected[..., -1]], dim=-1)  # [M, Q, 3]
+        return self.rein_merge[adapter_name](pooled.flatten(-2))  # [M, 3Q] -> [M, Q]
+
+    def refine(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
+        """Apply one adapter's refinement of layer `row` to that layer's output hidden states."""
+        settings = self.rein_settings[adapter_name]
+        if not settings.batch_first:
+            hidden_states = hidden_states.transpose(0, 1)
+        if hidden_states.shape[-1] != settings.hidden_size:
+            raise ValueError(
+                f"Rein adapter '{adapter_name}' was built for hidden size {settings.hidden_size}, but the layer "
+                f"produced hidden states of shape {tuple(hidden_states.shape)}."
+            )
+        num_prefix = settings.num_prefix_tokens
+        if hidden_states.shape[1] <= num_prefix:
+            raise ValueError(
+                f"Rein expects {num_prefix} prefix tokens followed by patch tokens, but the layer produced "
+                f"{hidden_states.shape[1]} tokens (hidden states {tuple(hidden_states.shape)}). Is the input image "
+                "smaller than one patch, or is `num_prefix_tokens` wrong?"
+            )
+        prefix, feats = hidden_states[:, :num_prefix], hidden_states[:, num_prefix:]  # [B, P, C], [B, N, C]
+        tokens = self.get_tokens(adapter_name, row)  # [M, C]
+        x = feats.to(tokens.dtype)
+
+        attn = x @ tokens.T  # [B, N, M]
+        if settings.use_softmax:
+            attn = torch.softmax(attn * settings.hidden_size**-0.5, dim=-1)
+        # token 0 takes part in the softmax but contributes no value
+        delta = attn[..., 1:] @ self.rein_token2feat[adapter_name](tokens[1:])  # [B, N, M-1] @ [M-1, C]
+        delta = self.rein_delta_f[adapter_name](delta + x)  # [B, N, C]
+        if adapter_name in self.rein_scale:
+            delta = delta * self.rein_scale[adapter_name]
+        refined = torch.cat([prefix, feats + delta.to(feats.dtype)], dim=1)  # [B, S, C]
+        return refined if settings.batch_first else refined.transpose(0, 1)
+
+    def refine_layer_output(self, layer_name: str, output: Any) -> Any:
+        """Refine a layer's output with every active adapter that targets this layer, in order."""
+        if self.disable_adapters:
+            return output
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        for adapter_name in self.active_adapters:
+            settings = self.rein_settings.get(adapter_name)
+            if settings is None or layer_name not in settings.layer_rows:
+                continue
+            hidden_states = self.refine(hidden_states, adapter_name, settings.layer_rows[layer_name])
+        return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # A Rein layer has no base layer (PEFT's default would recurse forever): it follows its device anchor.
+        device = self.device_anchor.device if device is None else device
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device)
+
+
+class ReinHook:
+    """Forward hook on one encoder layer: hands the layer's output to the `ReinLayer`.
+
+    A callable object rather than a closure, so that `copy.deepcopy` points the copy's hook at the copy's adapter and
+    the model stays picklable.
+    """
+
+    def __init__(self, rein_layer: ReinLayer, layer_name: str) -> None:
+        self.rein_layer = rein_layer
+        self.layer_name = layer_name
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self.rein_layer.refine_layer_output(self.layer_name, output)

@@ -1,0 +1,234 @@
+"""`ReinModel`: the PEFT tuner that attaches Rein to a vision transformer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .config import ReinConfig
+from .discovery import ReinTargets, discover
+from .layer import ReinHook, ReinLayer, ReinSettings
+
+# attribute under which the ReinLayer hangs on the module that holds the encoder layers; it must not start with
+# the method prefix "rein_", which marks the adapter's own tensors
+REIN_LAYER_ATTRIBUTE = "rein"
+
+
+class ReinMergeError(ValueError):
+    """Rein cannot be merged into the base weights."""
+
+
+class ReinStateDictError(ValueError):
+    """An adapter file does not fit the model it is loaded into."""
+
+
+def _tensor_stem(key: str) -> Optional[str]:
+    """The part of a state-dict key from its first `rein_*` component on, e.g. `rein_token2feat.weight`."""
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        if part.startswith(ReinModel.prefix):
+            return ".".join(parts[index:])
+    return None
+
+
+def find_rein_layers(model: nn.Module) -> list[ReinLayer]:
+    """Every `ReinLayer` attached to `model`."""
+    return [module for module in model.modules() if isinstance(module, ReinLayer)]
+
+
+def get_queries(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """The `[M, Q]` object queries that an adapter made with `link_token_to_query=True` links from its tokens.
+
+    Works on a `PeftModel` and on a model that got the adapter from transformers' `add_adapter` / `load_adapter`.
+    """
+    for rein_layer in find_rein_layers(model):
+        if adapter_name in rein_layer.rein_settings:
+            return rein_layer.get_queries(adapter_name)
+    raise ValueError(f"No Rein adapter named '{adapter_name}' in {type(model).__name__}.")
+
+
+def remove_rein(model: nn.Module) -> None:
+    """Detach every Rein hook and `ReinLayer` from `model`, leaving the base model as it was."""
+    for module in model.modules():
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, ReinHook):
+                del module._forward_hooks[hook_id]
+                module._forward_hooks_with_kwargs.pop(hook_id, None)
+                module._forward_hooks_always_called.pop(hook_id, None)
+    for name, module in list(model.named_modules()):
+        if isinstance(getattr(module, REIN_LAYER_ATTRIBUTE, None), ReinLayer):
+            delattr(module, REIN_LAYER_ATTRIBUTE)
+
+
+class ReinModel(BaseTuner):
+    """Rein ("Stronger, Fewer, & Superior", CVPR 2024) as a PEFT tuner. Create it with `peft.get_peft_model`.
+
+    The encoder layers of the base model are found automatically (see `rein_peft.discovery`). Each gets a forward
+    hook that refines its output, so `output_hidden_states=True`, the final norm, task heads and gradient
+    checkpointing all see the refined features. All adapter tensors live in one `ReinLayer` inside the model.
+
+    Example:
+        ```py
+        >>> import rein_peft
+        >>> from peft import get_peft_model
+        >>> from transformers import Dinov2ForImageClassification
+        >>> model = Dinov2ForImageClassification.from_pretrained("facebook/dinov2-small", num_labels=10)
+        >>> model = get_peft_model(model, rein_peft.ReinConfig(lora_dim=16, modules_to_save=["classifier"]))
+        ```
+    """
+
+    prefix: str = "rein_"
+    tuner_layer_cls = ReinLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # --- injection -------------------------------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config: ReinConfig, model_config: dict) -> ReinConfig:
+        # target_modules=None means "the vision encoder's layers", resolved from the model in _prepare_model
+        return peft_config
+
+    def _prepare_model(self, peft_config: ReinConfig, model: nn.Module) -> None:
+        # read by _check_target_module_exists and _create_and_replace during this injection only
+        self._injection: tuple[nn.Module, ReinTargets] = (model, discover(model, peft_config))
+
+    def _check_target_module_exists(self, peft_config: ReinConfig, key: str) -> bool:
+        _, targets = self._injection
+        return key in targets.layer_names
+
+    def _create_and_replace(
+        self,
+        peft_config: ReinConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        model, targets = self._injection
+        # attached here, not in _prepare_model: PEFT decides whether this is the first adapter (and so freezes the
+        # base model) by looking for tuner layers before it creates any
+        holder = model.get_submodule(targets.holder_name)
+        rein_layer = getattr(holder, REIN_LAYER_ATTRIBUTE, None)
+        if rein_layer is None:
+            rein_layer = ReinLayer(device=next(target.parameters()).device)
+            holder.add_module(REIN_LAYER_ATTRIBUTE, rein_layer)
+        if adapter_name not in rein_layer.rein_settings:
+            settings = ReinSettings(
+                hidden_size=targets.hidden_size,
+                num_prefix_tokens=targets.num_prefix_tokens,
+                batch_first=targets.batch_first,
+                use_softmax=peft_config.use_softmax,
+                layer_rows={name: row for row, name in enumerate(targets.layer_names)},
+            )
+            rein_layer.update_layer(
+                adapter_name, peft_config, settings, targets.patch_size, device=rein_layer.device_anchor.device
+            )
+        if not any(isinstance(hook, ReinHook) for hook in target._forward_hooks.values()):
+            # prepend: transformers records hidden states with forward hooks of its own, which must see the refinement
+            target.register_forward_hook(ReinHook(rein_layer, current_key), prepend=True)
+
+    # --- training mode ---------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> ReinModel:
+        """Set train mode. As in the official Rein code the frozen base model stays in eval mode (dropout and
+        drop-path off) while the adapter and `modules_to_save` train, unless the active adapter's config sets
+        `frozen_modules_follow_train=True`."""
+        super().train(mode)
+        configs = [self.peft_config[name] for name in self.active_adapters if name in self.peft_config]
+        if not mode or any(config.frozen_modules_follow_train for config in configs):
+            return self
+        for module in self.model.modules():
+            # transformers only checkpoints layers that are in training mode: keep that flag on them
+            module.training = bool(getattr(module, "gradient_checkpointing", False))
+        for module in self.model.modules():
+            if isinstance(module, (ReinLayer, AuxiliaryTrainingWrapper)):
+                module.train(True)
+        return self
+
+    # --- merging, unloading, deleting ------------------------------------------------------------------------------
+
+    def _check_merge_allowed(self) -> None:
+        raise ReinMergeError(
+            "Rein cannot be merged into the base weights: its refinement depends on each input's features "
+            "(a softmax over token similarities), so no weight change reproduces it. Keep the PeftModel for "
+            "inference, or call `unload()` to get the unchanged base model back."
+        )
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        remove_rein(self.model)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; deleting the last one also removes Rein's hooks from the model."""
+        super().delete_adapter(adapter_name)
+        if not any(layer.rein_settings for layer in find_rein_layers(self.model)):
+            remove_rein(self.model)
+
+    # --- queries ---------------------------------------------------------------------------------------------------
+
+    def get_queries(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """The `[M, Q]` object queries linked from the tokens of `adapter_name` (default: the active adapter).
+
+        Needs `ReinConfig(link_token_to_query=True)`. Reachable from the `PeftModel` as `peft_model.get_queries()`.
+        """
+        return get_queries(self.model, adapter_name or self.active_adapters[0])
+
+    # --- loading ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: ReinConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Map saved keys onto this model by their `rein_*` stem, so that an adapter trained on a bare backbone
+        loads into its task-head model and back; refuse tensors whose shapes do not fit, and missing tensors."""
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        model_tensors = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        stem_to_model_key = {
+            _tensor_stem(cls._remove_adapter_name_from_key(key, adapter_name)): key for key in model_tensors
+        }
+        remapped, loaded_stems = {}, set()
+        for key, tensor in state_dict.items():
+            stem = _tensor_stem(key)
+            if stem is None:  # modules_to_save and other non-Rein entries
+                remapped[key] = tensor
+                continue
+            if stem not in stem_to_model_key:
+                raise ReinStateDictError(
+                    f"The adapter file holds '{key}', which adapter '{adapter_name}' of this model does not have "
+                    f"(it has {sorted(stem_to_model_key)}). Was the file saved with a different ReinConfig?"
+                )
+            model_key = stem_to_model_key[stem]
+            expected = tuple(model_tensors[model_key].shape)
+            if tuple(tensor.shape) != expected:
+                raise ReinStateDictError(
+                    f"The adapter's '{stem}' has shape {list(tensor.shape)}, but this model needs {list(expected)}. "
+                    f"The adapter was made for a different backbone (token tables are [layers, tokens, hidden], "
+                    f"MLPs [hidden, hidden]); load it into the architecture it was trained on."
+                )
+            remapped[model_key] = tensor
+            loaded_stems.add(stem)
+        missing = sorted(set(stem_to_model_key) - loaded_stems)
+        if missing:
+            raise ReinStateDictError(f"The adapter file lacks {missing} for adapter '{adapter_name}'.")
+        return remapped
