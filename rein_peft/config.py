@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any
 
 from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
 
 
 class ReinPeftType(str, enum.Enum):
@@ -56,25 +59,25 @@ class ReinConfig(PeftConfig):
     """
 
     token_length: int = field(default=100, metadata={"help": "Learnable tokens per layer (M)."})
-    lora_dim: Optional[int] = field(default=None, metadata={"help": "Rank of low-rank tokens; None: full rank."})
+    lora_dim: int | None = field(default=None, metadata={"help": "Rank of low-rank tokens; None: full rank."})
     scale_init: float = field(default=1e-3, metadata={"help": "Initial value of the learnable scale."})
     use_softmax: bool = field(default=True, metadata={"help": "Softmax over the scaled token similarities."})
     zero_mlp_delta_f: bool = field(default=False, metadata={"help": "Zero-init delta_f and use scale 1.0."})
     link_token_to_query: bool = field(default=False, metadata={"help": "Build the token-to-query linking layers."})
     query_dims: int = field(default=256, metadata={"help": "Width Q of the linked queries."})
-    num_prefix_tokens: Optional[int] = field(default=None, metadata={"help": "Prefix tokens; None: auto."})
-    batch_first: Optional[bool] = field(default=None, metadata={"help": "Hidden-state layout; None: auto."})
-    patch_size: Optional[int] = field(default=None, metadata={"help": "Patch size for token init; None: auto."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    num_prefix_tokens: int | None = field(default=None, metadata={"help": "Prefix tokens; None: auto."})
+    batch_first: bool | None = field(default=None, metadata={"help": "Hidden-state layout; None: auto."})
+    patch_size: int | None = field(default=None, metadata={"help": "Patch size for token init; None: auto."})
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Encoder layers to refine; None: every layer of the vision encoder."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Indices of the encoder layers to adapt."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Layer-list name used with layers_to_transform and target_modules."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved besides the adapter, e.g. ['classifier']."}
     )
     frozen_modules_follow_train: bool = field(
@@ -103,3 +106,32 @@ class ReinConfig(PeftConfig):
             raise ValueError(f"patch_size must be positive or None (auto), got {self.patch_size}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has an effect together with layers_to_transform; set both.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load the config like any `PeftConfig`; for a local folder also check that its weights file is there and
+        readable, so that `PeftModel.from_pretrained` fails naming the file before it changes the base model."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            check_adapter_weights_file(folder)
+        return config
+
+
+def check_adapter_weights_file(folder: str) -> None:
+    """Raise a clear error if the adapter folder has no weights file or an unreadable safetensors file."""
+    safetensors_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(safetensors_file):
+        try:
+            with safe_open(safetensors_file, framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"The adapter weights file '{safetensors_file}' is corrupt or truncated ({error}). "
+                "Save the adapter again or download it again."
+            ) from error
+    elif not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        raise FileNotFoundError(
+            f"The adapter folder '{folder}' has adapter_config.json but no weights file: expected "
+            f"'{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}'). Was `save_pretrained` interrupted?"
+        )

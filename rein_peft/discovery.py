@@ -20,7 +20,6 @@ Nothing here is a list of known paths. The rules, in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
@@ -64,7 +63,7 @@ def _parent_name(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def find_patch_embedding(model: nn.Module) -> Optional[str]:
+def find_patch_embedding(model: nn.Module) -> str | None:
     """Name of the model's (first) patch embedding, or None."""
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in PATCH_EMBEDDING_NAMES:
@@ -76,14 +75,14 @@ def find_patch_embedding(model: nn.Module) -> Optional[str]:
 
 def _common_prefix_length(a: str, b: str) -> int:
     length = 0
-    for part_a, part_b in zip(a.split("."), b.split(".")):
+    for part_a, part_b in zip(a.split("."), b.split("."), strict=False):
         if part_a != part_b:
             break
         length += 1
     return length
 
 
-def find_layer_list(model: nn.Module, anchor_name: str) -> Optional[str]:
+def find_layer_list(model: nn.Module, anchor_name: str) -> str | None:
     """Name of the `ModuleList` of same-class blocks closest to `anchor_name` (ties: the larger one)."""
     candidates = []
     for name, module in model.named_modules():
@@ -110,7 +109,7 @@ def count_prefix_tokens(model: nn.Module, patch_embedding_name: str, hidden_size
     return 0
 
 
-def find_patch_size(model: nn.Module, patch_embedding_name: Optional[str]) -> Optional[int]:
+def find_patch_size(model: nn.Module, patch_embedding_name: str | None) -> int | None:
     if patch_embedding_name is not None:
         for module in model.get_submodule(patch_embedding_name).modules():
             if isinstance(module, nn.Conv2d) and module.kernel_size == module.stride:
@@ -127,7 +126,7 @@ def _holder_name(model: nn.Module, layer_names: list[str]) -> str:
     """The nearest common ancestor of the layers that is not a container (a ModuleList cannot take an attribute)."""
     parents = [_parent_name(name).split(".") for name in layer_names]
     common = []
-    for parts in zip(*parents):
+    for parts in zip(*parents, strict=False):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
@@ -154,7 +153,7 @@ def _batch_first(model: nn.Module, layer_name: str) -> bool:
     return True
 
 
-def _auto_layer_names(model: nn.Module, config: ReinConfig, patch_embedding: Optional[str]) -> list[str]:
+def _auto_layer_names(model: nn.Module, config: ReinConfig, patch_embedding: str | None) -> list[str]:
     layer_list = find_layer_list(model, patch_embedding) if patch_embedding is not None else None
     if layer_list is None:
         raise ReinUnsupportedModelError(_how_to_configure(model))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -61,7 +61,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
     )
     other_param_names = ("rein_settings",)
 
-    def __init__(self, device: Optional[torch.device] = None) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         super().__init__()
         # empty, follows `.to()`: tells where adapters loaded elsewhere (low_cpu_mem_usage) belong
         self.register_buffer("device_anchor", torch.empty(0, device=device), persistent=False)
@@ -84,7 +84,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         config: ReinConfig,
         settings: ReinSettings,
         patch_size: int,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> None:
         """Create and initialise the tensors of a new adapter, as the official Rein code does (see REIN.md)."""
         num_layers, hidden_size, token_length = settings.num_layers, settings.hidden_size, config.token_length
@@ -114,7 +114,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             self.rein_merge[adapter_name] = nn.Linear(3 * config.query_dims, config.query_dims, **factory)
         self.rein_settings[adapter_name] = settings
 
-    def get_tokens(self, adapter_name: str, row: Optional[int] = None) -> torch.Tensor:
+    def get_tokens(self, adapter_name: str, row: int | None = None) -> torch.Tensor:
         """Tokens of one layer (`[M, C]`), or of all layers (`[L, M, C]`) when `row` is None."""
         if adapter_name in self.rein_tokens:
             tokens = self.rein_tokens[adapter_name]
@@ -179,7 +179,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             hidden_states = self.refine(hidden_states, adapter_name, settings.layer_rows[layer_name])
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # A Rein layer has no base layer (PEFT's default would recurse forever): it follows its device anchor.
         device = self.device_anchor.device if device is None else device
         for name in self.adapter_layer_names:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
@@ -30,7 +28,7 @@ class ReinStateDictError(ValueError):
     """An adapter file does not fit the model it is loaded into."""
 
 
-def _tensor_stem(key: str) -> Optional[str]:
+def _tensor_stem(key: str) -> str | None:
     """The part of a state-dict key from its first `rein_*` component on, e.g. `rein_token2feat.weight`."""
     parts = key.split(".")
     for index, part in enumerate(parts):
@@ -63,7 +61,7 @@ def remove_rein(model: nn.Module) -> None:
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_with_kwargs.pop(hook_id, None)
                 module._forward_hooks_always_called.pop(hook_id, None)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         if isinstance(getattr(module, REIN_LAYER_ATTRIBUTE, None), ReinLayer):
             delattr(module, REIN_LAYER_ATTRIBUTE)
 
@@ -111,7 +109,7 @@ class ReinModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         model, targets = self._injection
         # attached here, not in _prepare_model: PEFT decides whether this is the first adapter (and so freezes the
@@ -168,7 +166,7 @@ class ReinModel(BaseTuner):
         merge: bool = True,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge:
             self._check_merge_allowed()
@@ -183,7 +181,7 @@ class ReinModel(BaseTuner):
 
     # --- queries ---------------------------------------------------------------------------------------------------
 
-    def get_queries(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+    def get_queries(self, adapter_name: str | None = None) -> torch.Tensor:
         """The `[M, Q]` object queries linked from the tokens of `adapter_name` (default: the active adapter).
 
         Needs `ReinConfig(link_token_to_query=True)`. Reachable from the `PeftModel` as `peft_model.get_queries()`.

@@ -1,0 +1,150 @@
+"""Tiny models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers as tf
+
+import rein_peft  # noqa: F401  (registers Rein with PEFT)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HIDDEN, LAYERS, HEADS, MLP, IMAGE, PATCH, LABELS = 32, 2, 2, 64, 32, 8, 3
+SIZES = {
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "intermediate_size": MLP,
+    "image_size": IMAGE,
+    "patch_size": PATCH,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported model family: how to build a tiny one and what Rein must find in it."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    layer_list: str  # where the encoder layers are, written out by hand for the tests
+    num_prefix_tokens: int
+    make_inputs: Callable[[int], dict] = lambda batch: {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE)}
+
+
+def _siglip2_inputs(batch: int) -> dict:
+    side = IMAGE // PATCH
+    return {
+        "pixel_values": torch.randn(batch, side * side, 3 * PATCH * PATCH),
+        "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long),
+        "spatial_shapes": torch.tensor([[side, side]] * batch),
+    }
+
+
+def _clip_model() -> torch.nn.Module:
+    config = tf.CLIPConfig(
+        text_config={
+            "hidden_size": HIDDEN,
+            "num_hidden_layers": 3,
+            "num_attention_heads": HEADS,
+            "intermediate_size": MLP,
+        },
+        vision_config=SIZES,
+        projection_dim=16,
+    )
+    return tf.CLIPModel(config)
+
+
+def _clip_inputs(batch: int) -> dict:
+    return {
+        "pixel_values": torch.randn(batch, 3, IMAGE, IMAGE),
+        "input_ids": torch.randint(0, 100, (batch, 5)),
+    }
+
+
+FAMILIES = {
+    family.name: family
+    for family in [
+        Family("vit", lambda: tf.ViTForImageClassification(tf.ViTConfig(**SIZES, num_labels=LABELS)), "vit.layers", 1),
+        Family(
+            "deit",
+            lambda: tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**SIZES, num_labels=LABELS)),
+            "deit.layers",
+            2,
+        ),
+        Family(
+            "dinov2",
+            lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(**SIZES, num_labels=LABELS)),
+            "dinov2.encoder.layer",
+            1,
+        ),
+        Family(
+            "dinov2_registers",
+            lambda: tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**SIZES, num_register_tokens=4)),
+            "encoder.layer",
+            5,
+        ),
+        Family(
+            "dinov3",
+            lambda: tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**SIZES, num_register_tokens=4)),
+            "model.layer",
+            5,
+        ),
+        Family("clip_vision", lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**SIZES)), "encoder.layers", 1),
+        Family("clip", _clip_model, "vision_model.encoder.layers", 1, _clip_inputs),
+        Family("siglip", lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(**SIZES)), "encoder.layers", 0),
+        Family(
+            "siglip2",
+            lambda: tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**{**SIZES, "num_patches": (IMAGE // PATCH) ** 2})),
+            "encoder.layers",
+            0,
+            _siglip2_inputs,
+        ),
+        Family(
+            "beit", lambda: tf.BeitForImageClassification(tf.BeitConfig(**SIZES, num_labels=LABELS)), "beit.layers", 1
+        ),
+        Family(
+            "data2vec_vision",
+            lambda: tf.Data2VecVisionModel(tf.Data2VecVisionConfig(**SIZES)),
+            "encoder.layer",
+            1,
+        ),
+        Family(
+            "dinov2_backbone",
+            lambda: tf.Dinov2Backbone(tf.Dinov2Config(**SIZES, out_features=["stage1", "stage2"])),
+            "encoder.layer",
+            1,
+        ),
+    ]
+}
+
+
+def build(family: Family, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return family.build().eval()
+
+
+def tiny_dinov2(num_layers: int = LAYERS, hidden: int = HIDDEN, classifier: bool = True, **config_kwargs):
+    config = tf.Dinov2Config(
+        **{**SIZES, "num_hidden_layers": num_layers, "hidden_size": hidden, "num_labels": LABELS, **config_kwargs}
+    )
+    model = tf.Dinov2ForImageClassification(config) if classifier else tf.Dinov2Model(config)
+    return model.eval()
+
+
+def randomize_adapter(peft_model: torch.nn.Module, seed: int = 1) -> None:
+    """Give every adapter tensor seeded values large enough that the refinement visibly changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".rein_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
