@@ -1,0 +1,240 @@
+"""Rein behaves as a PEFT method: get_peft_model, adapters, status, unload, merge errors, discovery errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from conftest import FAMILIES, build, randomize_adapter, tiny_dinov2
+from peft import PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from reference import ReferenceRein, official_tensors
+from torch import nn
+
+import rein_peft
+from rein_peft import ReinConfig, ReinLayer, ReinMergeError, ReinModel, ReinUnsupportedModelError
+from rein_peft.layer import ReinHook
+
+
+def _pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _rein_hooks(model: nn.Module) -> list[ReinHook]:
+    return [hook for module in model.modules() for hook in module._forward_hooks.values() if isinstance(hook, ReinHook)]
+
+
+def test_get_peft_model_returns_a_real_peft_model():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    assert isinstance(peft_model, PeftModel)
+    assert isinstance(peft_model.base_model, ReinModel)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    # tokens 2*6*32 + token2feat and delta_f 2*(32*32+32) + scale 1, plus the classifier 64*3+3
+    assert trainable == 384 + 2112 + 1 + 195
+    assert total == sum(p.numel() for p in tiny_dinov2().parameters()) + 384 + 2112 + 1 + 195
+    status = peft_model.get_model_status()
+    assert status.peft_types == {"default": "REIN"}
+    assert status.active_adapters == ["default"] and status.enabled and status.num_adapter_layers == 2
+    assert peft_model.get_layer_status()[0].module_type == "ReinLayer"
+
+
+def test_registration_is_idempotent():
+    before = (PEFT_TYPE_TO_CONFIG_MAPPING.copy(), PEFT_TYPE_TO_TUNER_MAPPING.copy(), PEFT_TYPE_TO_PREFIX_MAPPING.copy())
+    rein_peft.register()
+    rein_peft.register()
+    assert (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING) == before
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["REIN"] is ReinConfig
+    assert PEFT_TYPE_TO_PREFIX_MAPPING["REIN"] == "rein_"
+
+
+def test_print_trainable_parameters(capsys):
+    get_peft_model(tiny_dinov2(), ReinConfig(token_length=6)).print_trainable_parameters()
+    assert "trainable params: 2,497" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("lora_dim", "expected"),
+    [(16, 2_990_081), (None, 5_016_065)],
+)
+def test_parameter_counts_of_a_dinov2_large_sized_adapter(lora_dim, expected):
+    config = tf.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16)
+    with torch.device("meta"):
+        base = tf.Dinov2Model(config)
+    rein = ReinConfig(lora_dim=lora_dim, link_token_to_query=True, token_length=100, query_dims=256)
+    peft_model = get_peft_model(base, rein)
+    assert peft_model.get_nb_trainable_parameters()[0] == expected
+
+
+def test_adapter_file_of_a_dinov2_large_sized_adapter_is_under_12_5_mb(tmp_path):
+    config = tf.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16)
+    with torch.device("meta"):
+        base = tf.Dinov2Model(config)
+    peft_model = get_peft_model(base, ReinConfig(lora_dim=16, link_token_to_query=True))
+    rein_layer = peft_model.base_model.model.encoder.rein
+    rein_layer.to_empty(device="cpu")  # materialise only the adapter; the 300M base parameters stay on meta
+    peft_model.save_pretrained(tmp_path)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert 2_990_081 * 4 <= size < 12.5e6
+
+
+def test_multiple_adapters_set_delete_and_disable():
+    base = tiny_dinov2()
+    x = _pixels()
+    with torch.no_grad():
+        plain = base(x).logits
+    peft_model = get_peft_model(base, ReinConfig(token_length=6))
+    peft_model.add_adapter("other", ReinConfig(token_length=4, lora_dim=2))
+    randomize_adapter(peft_model, seed=3)
+    with torch.no_grad():
+        out_default = peft_model(x).logits
+        peft_model.set_adapter("other")
+        out_other = peft_model(x).logits
+        with peft_model.disable_adapter():
+            out_disabled = peft_model(x).logits
+    assert peft_model.active_adapters == ["other"]
+    assert not torch.allclose(out_default, out_other)
+    assert not torch.allclose(out_default, plain) and not torch.allclose(out_other, plain)
+    assert torch.equal(out_disabled, plain)
+    # only the active adapter trains
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and all(".other" in n for n in names)
+
+    peft_model.delete_adapter("other")
+    assert peft_model.active_adapters == ["default"]
+    with torch.no_grad():
+        assert torch.equal(peft_model(x).logits, out_default)
+    assert "other" not in peft_model.base_model.model.dinov2.encoder.rein.rein_settings
+
+
+def test_unload_returns_the_base_model_bit_identical():
+    base = tiny_dinov2()
+    reference = copy.deepcopy(base)
+    x = _pixels()
+    peft_model = get_peft_model(base, ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    randomize_adapter(peft_model)
+    unloaded = peft_model.unload()
+    assert unloaded is base
+    assert not _rein_hooks(unloaded)
+    assert not any(isinstance(m, ReinLayer) for m in unloaded.modules())
+    assert set(unloaded.state_dict()) == set(reference.state_dict())
+    with torch.no_grad():
+        assert torch.equal(unloaded(x).logits, reference(x).logits)
+    # and it can be wrapped again
+    assert isinstance(get_peft_model(unloaded, ReinConfig(token_length=6)), PeftModel)
+
+
+def test_deleting_the_last_adapter_removes_the_hooks():
+    base = tiny_dinov2()
+    peft_model = get_peft_model(base, ReinConfig(token_length=6))
+    peft_model.add_adapter("other", ReinConfig(token_length=6))
+    peft_model.delete_adapter("default")
+    assert len(_rein_hooks(base)) == 2
+    peft_model.delete_adapter("other")
+    assert not _rein_hooks(base) and not any(isinstance(m, ReinLayer) for m in base.modules())
+
+
+def test_merging_is_refused_clearly_and_loses_nothing():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
+    randomize_adapter(peft_model)
+    x = _pixels()
+    with torch.no_grad():
+        before = peft_model(x).logits
+    with pytest.raises(ReinMergeError, match="cannot be merged.*depends on each input"):
+        peft_model.merge_and_unload()
+    with pytest.raises(ReinMergeError, match="unload()"):
+        peft_model.merge_adapter()
+    with torch.no_grad():
+        assert torch.equal(peft_model(x).logits, before)
+    assert len(_rein_hooks(peft_model)) == 2
+
+
+def test_layers_to_transform_adapts_only_those_layers():
+    base = tiny_dinov2(num_layers=4)
+    reference = copy.deepcopy(base)
+    peft_model = get_peft_model(base, ReinConfig(token_length=6, layers_to_transform=[2, 3]))
+    randomize_adapter(peft_model)
+    rein_layer = base.dinov2.encoder.rein
+    assert rein_layer.rein_tokens["default"].shape == (2, 6, 32)
+    assert rein_layer.rein_settings["default"].layer_rows == {"dinov2.encoder.layer.2": 0, "dinov2.encoder.layer.3": 1}
+    x = _pixels()
+    with torch.no_grad():
+        ours = peft_model(x, output_hidden_states=True).hidden_states
+        plain = reference(x, output_hidden_states=True).hidden_states
+    for index in range(3):  # embeddings and the outputs of layers 0 and 1
+        assert torch.equal(ours[index], plain[index])
+    assert not torch.allclose(ours[3], plain[3])
+
+
+def test_layers_to_transform_out_of_range():
+    with pytest.raises(ValueError, match=r"asks for layers \[7\].*has 2 encoder layers"):
+        get_peft_model(tiny_dinov2(), ReinConfig(layers_to_transform=[1, 7]))
+
+
+class SequenceFirstViT(nn.Module):
+    """A transformer-style model that is not from transformers: sequence-first torch layers and a CLS token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(12, 16)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False) for _ in range(3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, B, 12]
+        hidden = torch.cat([self.cls.expand(1, x.shape[1], -1), self.stem(x)], dim=0)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def test_any_transformer_with_explicit_targets_and_prefix_tokens():
+    torch.manual_seed(0)
+    base = SequenceFirstViT().eval()
+    reference_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
+    config = ReinConfig(token_length=5, target_modules=r"blocks\.\d+", num_prefix_tokens=1, patch_size=4)
+    peft_model = get_peft_model(base, config)
+    randomize_adapter(peft_model)
+    assert base.rein.rein_settings["default"].batch_first is False  # read off nn.MultiheadAttention
+    reference = ReferenceRein(official_tensors(peft_model))
+    reference.attach(list(reference_model.blocks), batch_first=False, num_prefix=1)
+    x = torch.randn(7, 2, 12)
+    with torch.no_grad():
+        ours, theirs, plain = peft_model(x), reference_model(x), plain_model(x)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert not torch.allclose(ours, plain)
+
+
+def test_unsupported_model_error_says_what_to_set():
+    model = tf.ResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    with pytest.raises(ReinUnsupportedModelError, match="ResNetModel.*target_modules.*num_prefix_tokens"):
+        get_peft_model(model, ReinConfig())
+    with pytest.raises(ReinUnsupportedModelError, match="SequenceFirstViT.*target_modules.*num_prefix_tokens"):
+        get_peft_model(SequenceFirstViT(), ReinConfig(target_modules=r"blocks\.\d+"))
+
+
+def test_target_modules_that_match_nothing():
+    with pytest.raises(ValueError, match="matched no module of Dinov2ForImageClassification"):
+        get_peft_model(tiny_dinov2(), ReinConfig(target_modules=["no_such_layer"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"token_length": 1}, "token_length must be at least 2"),
+        ({"lora_dim": 0}, "lora_dim must be a positive int"),
+        ({"num_prefix_tokens": -1}, "num_prefix_tokens must be >= 0"),
+        ({"layers_pattern": "layer"}, "layers_pattern only has an effect together with layers_to_transform"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReinConfig(**kwargs)
+
+
+def test_vision_tower_of_clip_model_is_found_not_the_text_tower():
+    peft_model = get_peft_model(build(FAMILIES["clip"]), ReinConfig(token_length=4))
+    layer_rows = peft_model.base_model.model.vision_model.encoder.rein.rein_settings["default"].layer_rows
+    assert list(layer_rows) == ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1"]

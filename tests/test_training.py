@@ -1,0 +1,160 @@
+"""Training semantics: what trains, train/eval modes, gradient checkpointing, dtypes, copies."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import randomize_adapter, tiny_dinov2
+from peft import get_peft_model
+
+from rein_peft import ReinConfig
+
+DROPOUT = {"hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5, "drop_path_rate": 0.5}
+
+
+def _pixels(batch: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_only_adapter_and_saved_modules_train_and_every_token_gets_gradient():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".rein_" in n or "classifier.modules_to_save" in n for n in trainable)
+    peft_model.train()
+    loss = peft_model(_pixels(), labels=torch.tensor([0, 1, 2, 0])).loss
+    loss.backward()
+    for name, param in peft_model.named_parameters():
+        if name in trainable:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    tokens_grad = peft_model.base_model.model.dinov2.encoder.rein.rein_tokens["default"].grad
+    assert (tokens_grad.flatten(1).abs().sum(1) > 0).all()  # every layer's tokens, the first layer's included
+
+
+def test_frozen_backbone_stays_in_eval_mode_while_training():
+    peft_model = get_peft_model(
+        tiny_dinov2(**DROPOUT), ReinConfig(token_length=6, modules_to_save=["classifier"], zero_mlp_delta_f=True)
+    )
+    x = _pixels()
+    peft_model.eval()
+    with torch.no_grad():
+        eval_features = peft_model(x, output_hidden_states=True).hidden_states[-1]
+    peft_model.train()
+    with torch.no_grad():
+        first = peft_model(x, output_hidden_states=True).hidden_states[-1]
+        second = peft_model(x, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(first, second) and torch.equal(first, eval_features)
+    inner = peft_model.base_model.model
+    assert peft_model.training and not inner.dinov2.training and not inner.dinov2.encoder.layer[0].training
+    assert inner.dinov2.encoder.rein.training and inner.classifier.training
+    peft_model.eval()
+    assert not inner.dinov2.encoder.rein.training
+
+
+def test_frozen_modules_can_follow_train_mode():
+    peft_model = get_peft_model(
+        tiny_dinov2(**DROPOUT), ReinConfig(token_length=6, frozen_modules_follow_train=True)
+    ).train()
+    x = _pixels()
+    with torch.no_grad():
+        first = peft_model(x, output_hidden_states=True).hidden_states[-1]
+        second = peft_model(x, output_hidden_states=True).hidden_states[-1]
+    assert not torch.equal(first, second)
+
+
+def _gradients(peft_model, x, labels):
+    peft_model.zero_grad()
+    peft_model(x, labels=labels).loss.backward()
+    return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    randomize_adapter(peft_model)
+    x, labels = _pixels(), torch.tensor([0, 1, 2, 0])
+    peft_model.train()
+    plain = _gradients(peft_model, x, labels)
+
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    # layer 1: its input depends on layer 0's adapter tokens, so backward must recompute it (layer 0's input is
+    # frozen, so autograd never needs its activations)
+    layer = peft_model.base_model.model.dinov2.encoder.layer[1]
+    assert layer.gradient_checkpointing and layer.training  # transformers checkpoints only training layers
+    attention_calls = []
+    handle = layer.attention.register_forward_pre_hook(lambda *args: attention_calls.append(1))
+    checkpointed = _gradients(peft_model, x, labels)
+    handle.remove()
+    assert len(attention_calls) == 2  # the forward, and its recomputation in backward
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_a_float32_adapter(dtype):
+    base = tiny_dinov2()
+    reference = copy.deepcopy(base)
+    config = ReinConfig(token_length=6, lora_dim=4)
+    peft_model = get_peft_model(base.to(dtype), config)
+    adapter_dtypes = {p.dtype for n, p in peft_model.named_parameters() if ".rein_" in n}
+    assert adapter_dtypes == {torch.float32}
+    reference_peft = get_peft_model(reference, config)
+    reference_peft.load_state_dict(peft_model.state_dict(), strict=False)
+    x = _pixels()
+    with torch.no_grad():
+        half = peft_model(x.to(dtype)).logits
+        full = reference_peft(x).logits
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+    peft_model.train()
+    peft_model(x.to(dtype), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+
+
+def test_to_dtype_moves_the_adapter_too():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6)).to("cpu", torch.float64)
+    assert {p.dtype for p in peft_model.parameters()} == {torch.float64}
+    assert peft_model(_pixels().double()).logits.dtype == torch.float64
+
+
+def test_deepcopy_gets_its_own_adapter():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
+    randomize_adapter(peft_model)
+    x = _pixels()
+    with torch.no_grad():
+        before = peft_model(x).logits
+        duplicate = copy.deepcopy(peft_model)
+        assert torch.equal(duplicate(x).logits, before)
+        duplicate.base_model.model.dinov2.encoder.rein.rein_delta_f["default"].bias.add_(1.0)
+        assert torch.equal(peft_model(x).logits, before)
+        assert not torch.equal(duplicate(x).logits, before)
+
+
+def test_pickle_round_trip():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4))
+    randomize_adapter(peft_model)
+    x = _pixels()
+    with torch.no_grad():
+        before = peft_model(x).logits
+        restored = pickle.loads(pickle.dumps(peft_model))
+        assert torch.equal(restored(x).logits, before)
+
+
+def test_a_few_steps_of_adamw_lower_the_loss():
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=8, modules_to_save=["classifier"])).train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    x, labels = _pixels(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    losses = []
+    for _ in range(30):
+        loss = peft_model(x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
