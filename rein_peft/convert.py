@@ -43,12 +43,13 @@ def _load_official_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch
     tensors = {}
     for key, tensor in state_dict.items():
         parts = key.split(".")
-        if OFFICIAL_MODULE_NAME not in parts:
-            continue
-        official_name = ".".join(parts[parts.index(OFFICIAL_MODULE_NAME) + 1 :])
-        if official_name not in OFFICIAL_TO_REIN_PEFT:
-            raise ValueError(f"Unknown Rein tensor '{key}' in the official checkpoint.")
-        tensors[official_name] = tensor
+        if OFFICIAL_MODULE_NAME in parts:  # a whole segmentor: "backbone.reins.learnable_tokens"
+            official_name = ".".join(parts[parts.index(OFFICIAL_MODULE_NAME) + 1 :])
+            if official_name not in OFFICIAL_TO_REIN_PEFT:
+                raise ValueError(f"Unknown Rein tensor '{key}' in the official checkpoint.")
+            tensors[official_name] = tensor
+        elif key in OFFICIAL_TO_REIN_PEFT:  # the Reins module's own state dict
+            tensors[key] = tensor
     if not tensors:
         raise ValueError(
             f"The checkpoint has no '{OFFICIAL_MODULE_NAME}.*' tensors; is it a checkpoint of the official Rein code?"
@@ -83,7 +84,8 @@ def convert_official_checkpoint(
     """Turn the `reins.*` tensors of an official Rein checkpoint into a rein_peft adapter on `base_model`.
 
     Args:
-        checkpoint: Path of an official checkpoint (`.pth` from mmengine, or `.safetensors`), or its state dict.
+        checkpoint: Path of an official checkpoint (`.pth` from mmengine, or `.safetensors`), or a state dict: the
+            segmentor's (`backbone.reins.*` keys) or the `Reins` module's own (`learnable_tokens`, `scale`, ...).
             Full-rank (`Reins`) and low-rank (`LoRAReins`) tokens, with or without `transform` / `merge`.
         base_model: The transformers backbone the checkpoint was trained on (for the official DINOv2-L checkpoints:
             a `Dinov2Model` or `Dinov2Backbone` with patch size 16), wrapped in place.

@@ -205,7 +205,7 @@ class ReinModel(BaseTuner):
         stem_to_model_key = {
             _tensor_stem(cls._remove_adapter_name_from_key(key, adapter_name)): key for key in model_tensors
         }
-        remapped, loaded_stems = {}, set()
+        remapped, loaded_stems, mismatches = {}, set(), []
         for key, tensor in state_dict.items():
             stem = _tensor_stem(key)
             if stem is None:  # modules_to_save and other non-Rein entries
@@ -217,15 +217,18 @@ class ReinModel(BaseTuner):
                     f"(it has {sorted(stem_to_model_key)}). Was the file saved with a different ReinConfig?"
                 )
             model_key = stem_to_model_key[stem]
-            expected = tuple(model_tensors[model_key].shape)
-            if tuple(tensor.shape) != expected:
-                raise ReinStateDictError(
-                    f"The adapter's '{stem}' has shape {list(tensor.shape)}, but this model needs {list(expected)}. "
-                    f"The adapter was made for a different backbone (token tables are [layers, tokens, hidden], "
-                    f"MLPs [hidden, hidden]); load it into the architecture it was trained on."
-                )
+            expected = list(model_tensors[model_key].shape)
+            if list(tensor.shape) != expected:
+                mismatches.append(f"'{stem}' has shape {list(tensor.shape)}, but this model needs {expected}")
             remapped[model_key] = tensor
             loaded_stems.add(stem)
+        if mismatches:
+            raise ReinStateDictError(
+                f"The adapter was made for a different backbone than {type(model).__name__}: "
+                + "; ".join(mismatches)
+                + ". Token tables are [layers, tokens, hidden] and the MLPs [hidden, hidden]: load the adapter into "
+                "the architecture it was trained on."
+            )
         missing = sorted(set(stem_to_model_key) - loaded_stems)
         if missing:
             raise ReinStateDictError(f"The adapter file lacks {missing} for adapter '{adapter_name}'.")

@@ -23,7 +23,9 @@ def _pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def _rein_hooks(model: nn.Module) -> list[ReinHook]:
-    return [hook for module in model.modules() for hook in module._forward_hooks.values() if isinstance(hook, ReinHook)]
+    return [
+        hook for module in model.modules() for hook in module._forward_hooks.values() if isinstance(hook, ReinHook)
+    ]
 
 
 def test_get_peft_model_returns_a_real_peft_model():
@@ -41,7 +43,11 @@ def test_get_peft_model_returns_a_real_peft_model():
 
 
 def test_registration_is_idempotent():
-    before = (PEFT_TYPE_TO_CONFIG_MAPPING.copy(), PEFT_TYPE_TO_TUNER_MAPPING.copy(), PEFT_TYPE_TO_PREFIX_MAPPING.copy())
+    before = (
+        PEFT_TYPE_TO_CONFIG_MAPPING.copy(),
+        PEFT_TYPE_TO_TUNER_MAPPING.copy(),
+        PEFT_TYPE_TO_PREFIX_MAPPING.copy(),
+    )
     rein_peft.register()
     rein_peft.register()
     assert (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING) == before

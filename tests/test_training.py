@@ -72,7 +72,8 @@ def _gradients(peft_model, x, labels):
     return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     torch.manual_seed(0)
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
     randomize_adapter(peft_model)
@@ -80,7 +81,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     peft_model.train()
     plain = _gradients(peft_model, x, labels)
 
-    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     peft_model.train()
     # layer 1: its input depends on layer 0's adapter tokens, so backward must recompute it (layer 0's input is
     # frozen, so autograd never needs its activations)
