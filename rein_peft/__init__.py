@@ -9,17 +9,20 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from .config import ReinConfig, ReinPeftType
 from .convert import convert_official_checkpoint
 from .discovery import ReinUnsupportedModelError
+from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
+from .training import create_rein_optimizer, rein_parameter_groups
 
 __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register Rein in PEFT's method tables. Runs on import; calling it again changes nothing."""
+    """Register Rein in PEFT's method tables and model cards. Runs on import; calling it again changes nothing."""
     PEFT_TYPE_TO_CONFIG_MAPPING[ReinPeftType.REIN] = ReinConfig
     PEFT_TYPE_TO_TUNER_MAPPING[ReinPeftType.REIN] = ReinModel
     PEFT_TYPE_TO_PREFIX_MAPPING[ReinPeftType.REIN] = ReinModel.prefix
+    register_model_card()
 
 
 register()
@@ -33,6 +36,8 @@ __all__ = [
     "ReinStateDictError",
     "ReinUnsupportedModelError",
     "convert_official_checkpoint",
+    "create_rein_optimizer",
     "get_queries",
     "register",
+    "rein_parameter_groups",
 ]

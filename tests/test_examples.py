@@ -1,0 +1,140 @@
+"""The main job, examples/train_image_classification.py: its embedded default, real Trainer runs, DDP, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, BitImageProcessorPil, ResNetConfig, ResNetModel
+
+import rein_peft  # noqa: F401  (registers Rein with PEFT)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from train_image_classification import main  # noqa: E402
+
+QUICK = ["--max_train_samples", "256", "--max_eval_samples", "64", "--max_steps", "6", "--skip_baseline"]
+
+
+def _run_script(*args: str, launcher: list[str] | None = None, cwd: Path | None = None):
+    command = [*(launcher or [sys.executable]), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_embedded_default_shows_the_adapter_doing_work(tmp_path):
+    results = main(["--output_dir", str(tmp_path)])
+    assert results["accuracy_after"] >= 0.9  # 4 classes: chance is 0.25
+    assert results["frozen_head_accuracy"] <= results["accuracy_after"] - 0.1
+    assert results["accuracy_reloaded"] == results["accuracy_after"]
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(".rein." in key or ".classifier." in key for key in tensors)
+    assert results["adapter_mb"] < 0.2
+
+
+def test_checkpoints_are_adapter_only_and_resumable(tmp_path):
+    main([*QUICK, "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "3"])
+    checkpoint = tmp_path / "checkpoint-3"
+    files = {path.name for path in checkpoint.iterdir()}
+    assert "adapter_model.safetensors" in files and "optimizer.pt" in files
+    assert not any(name.startswith("model") for name in files)  # no copy of the frozen backbone
+    results = main(
+        [*QUICK, "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "3"]
+        + ["--resume_from_checkpoint", str(checkpoint)]
+    )
+    assert results["accuracy_reloaded"] == results["accuracy_after"]
+
+
+def test_imagefolder_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    for label, color in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(12):
+            pixels = np.clip(rng.normal(color, 30, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{index}.png")
+    results = main([*QUICK, "--dataset_name", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+    assert 0.0 <= results["accuracy_after"] <= 1.0 and results["accuracy_reloaded"] == results["accuracy_after"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image_column", "img"], "has no column 'img' (columns: ['image', 'label']); pass --image_column."),
+        (["--label_column", "target"], "has no column 'target' (columns: ['image', 'label']); pass --label_column."),
+        (
+            ["--output_dir", "/proc/rein-no-write"],
+            "cannot write to --output_dir '/proc/rein-no-write'",
+        ),
+    ],
+)
+def test_bad_input_gets_one_clear_line(tmp_path, args, message):
+    result = _run_script(str(EXAMPLES / "train_image_classification.py"), "--output_dir", str(tmp_path), *QUICK, *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}" or message in result.stderr.splitlines()[-1]
+
+
+def test_a_model_rein_cannot_wrap_gets_one_clear_line(tmp_path):
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(
+        tmp_path / "resnet"
+    )
+    BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "resnet")
+    result = _run_script(
+        str(EXAMPLES / "train_image_classification.py"),
+        *QUICK,
+        "--model_name_or_path",
+        str(tmp_path / "resnet"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Rein found no vision-transformer encoder in ResNetForImageClassification")
+
+
+def _assert_ranks_agree_and_adapter_loads(weights_folder: Path, output_dir: Path) -> None:
+    rank0, rank1 = torch.load(weights_folder / "rank0.pt"), torch.load(weights_folder / "rank1.pt")
+    assert rank0.keys() == rank1.keys() and any(".rein_tokens" in key for key in rank0)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    base = AutoModelForImageClassification.from_pretrained(output_dir / "base-model", num_labels=4)
+    loaded = PeftModel.from_pretrained(base, output_dir / "adapter")
+    loaded_weights = dict(loaded.named_parameters())
+    for name, tensor in rank0.items():
+        assert torch.equal(loaded_weights[name], tensor), name
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, launcher):
+    weights_folder = tmp_path / "weights"
+    weights_folder.mkdir()
+    bin_dir = Path(sys.executable).parent
+    launchers = {
+        # linked queries are trained but unused by a classifier: DDP must not fail on the unused parameters
+        "torchrun": ([str(bin_dir / "torchrun"), "--nproc_per_node", "2"], ["--link_token_to_query"]),
+        "accelerate": (
+            [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+            + ["--mixed_precision", "no", "--dynamo_backend", "no"],
+            [],
+        ),
+    }
+    command, extra = launchers[launcher]
+    result = _run_script(
+        str(Path(__file__).parent / "ddp_worker.py"),
+        str(weights_folder),
+        *QUICK,
+        *extra,
+        "--use_cpu",
+        "--output_dir",
+        str(tmp_path / "out"),
+        launcher=command,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_ranks_agree_and_adapter_loads(weights_folder, tmp_path / "out")
