@@ -10,6 +10,7 @@ import torch
 from conftest import randomize_adapter, tiny_dinov2
 from peft import get_peft_model
 
+import rein_peft
 from rein_peft import ReinConfig
 
 DROPOUT = {"hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5, "drop_path_rate": 0.5}
@@ -159,3 +160,44 @@ def test_a_few_steps_of_adamw_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bf16_autocast_matches_float32():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    randomize_adapter(peft_model)
+    x, labels = _pixels(), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        full = peft_model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = peft_model(x).logits
+    torch.testing.assert_close(mixed.float(), full, rtol=0.05, atol=0.05)
+    peft_model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = peft_model(x, labels=labels).loss
+    loss.backward()
+    tokens = peft_model.base_model.model.dinov2.encoder.rein.rein_tokens["default"]
+    assert tokens.dtype == torch.float32 and torch.isfinite(tokens.grad).all() and tokens.grad.abs().sum() > 0
+
+
+def test_torch_compile_matches_eager():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4))
+    randomize_adapter(peft_model)
+    x = _pixels()
+    with torch.no_grad():
+        eager = peft_model(x).logits
+        compiled = torch.compile(peft_model)(x).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_rein_optimizer_recipe_has_no_decay_on_tokens_scale_biases_and_norms():
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4, modules_to_save=["classifier"]))
+    optimizer = rein_peft.create_rein_optimizer(peft_model, lr=1e-4, weight_decay=0.05)
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in group["params"]} for group in optimizer.param_groups)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+    # the weight matrices of token2feat, delta_f and the head
+    assert len(decay) == 3 and all(name.endswith(".weight") for name in decay)
+    assert any("rein_tokens_a" in n for n in no_decay) and any("rein_scale" in n for n in no_decay)
+    assert all(name.endswith((".bias", ".default")) for name in no_decay)
+    assert decay | no_decay == {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and isinstance(optimizer, torch.optim.AdamW)
