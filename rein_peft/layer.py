@@ -74,6 +74,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         self.rein_transform = nn.ModuleDict()
         self.rein_merge = nn.ModuleDict()
         self.rein_settings: dict[str, ReinSettings] = {}
+        # eval-mode cache: (adapter, row) -> (weights' state, the weights, (keys, values))
+        self.projection_cache: dict[tuple[str, int], tuple] = {}
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -135,36 +137,86 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         pooled = torch.stack([projected.amax(-1), projected.mean(-1), projected[..., -1]], dim=-1)  # [M, Q, 3]
         return self.rein_merge[adapter_name](pooled.flatten(-2))  # [M, 3Q] -> [M, Q]
 
+    def _weights(self, adapter_name: str) -> list[torch.Tensor]:
+        """Every tensor the input-independent projections of an adapter depend on."""
+        tables = [self.rein_tokens, self.rein_tokens_a, self.rein_tokens_b, self.rein_scale]
+        tensors = [table[adapter_name] for table in tables if adapter_name in table]
+        for linear in (self.rein_token2feat[adapter_name], self.rein_delta_f[adapter_name]):
+            tensors += [linear.weight, linear.bias]
+        return tensors
+
+    def _scale(self, adapter_name: str) -> torch.Tensor | float:
+        return self.rein_scale[adapter_name] if adapter_name in self.rein_scale else 1.0
+
+    def _compute_projections(self, adapter_name: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `row`'s keys `[C, M]` (softmax temperature folded in) and values `[M, C]` (token2feat, delta_f and
+        the scale folded in; with the softmax, whose rows sum to 1, they also carry delta_f's bias)."""
+        settings = self.rein_settings[adapter_name]
+        tokens = self.get_tokens(adapter_name, row)  # [M, C]
+        keys = tokens.T * settings.hidden_size**-0.5 if settings.use_softmax else tokens.T
+        # token 0 takes part in the softmax but has no value: a zero row
+        values = nn.functional.pad(self.rein_token2feat[adapter_name](tokens[1:]), (0, 0, 1, 0))  # [M, C]
+        delta_f = self.rein_delta_f[adapter_name]
+        values = values @ delta_f.weight.T
+        if settings.use_softmax:
+            values = values + delta_f.bias
+        return keys, values * self._scale(adapter_name)
+
+    def _projections(self, adapter_name: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_compute_projections`, cached while no gradient is recorded, until a weight is replaced or changed
+        in place (tracked by identity, address and version counter)."""
+        if torch.is_grad_enabled():
+            return self._compute_projections(adapter_name, row)
+        weights = self._weights(adapter_name)
+        state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
+        cached = self.projection_cache.get((adapter_name, row))
+        if cached is None or cached[0] != state:
+            # the entry keeps the weights alive, so their ids cannot be reused by other tensors meanwhile
+            cached = (state, weights, self._compute_projections(adapter_name, row))
+            self.projection_cache[(adapter_name, row)] = cached
+        return cached[2]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
+
     def refine(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
-        """Apply one adapter's refinement of layer `row` to that layer's output hidden states."""
+        """Apply one adapter's refinement of layer `row` to that layer's output hidden states.
+
+        The same numbers as REIN.md's `F + scale * delta_f(softmax(F T^T / sqrt(C))[:, 1:] @ token2feat(T[1:]) + F)`,
+        rearranged into two small GEMMs and one C x C GEMM over the whole sequence, with no split or concatenation
+        of the hidden states: the prefix rows of the update are zeroed instead.
+        """
         settings = self.rein_settings[adapter_name]
         if not settings.batch_first:
             hidden_states = hidden_states.transpose(0, 1)
-        if hidden_states.shape[-1] != settings.hidden_size:
+        batch, length, hidden = hidden_states.shape
+        if hidden != settings.hidden_size:
             raise ValueError(
                 f"Rein adapter '{adapter_name}' was built for hidden size {settings.hidden_size}, but the layer "
                 f"produced hidden states of shape {tuple(hidden_states.shape)}."
             )
         num_prefix = settings.num_prefix_tokens
-        if hidden_states.shape[1] <= num_prefix:
+        if length <= num_prefix:
             raise ValueError(
                 f"Rein expects {num_prefix} prefix tokens followed by patch tokens, but the layer produced "
-                f"{hidden_states.shape[1]} tokens (hidden states {tuple(hidden_states.shape)}). Is the input image "
-                "smaller than one patch, or is `num_prefix_tokens` wrong?"
+                f"{length} tokens (hidden states {tuple(hidden_states.shape)}). Is the input image smaller than "
+                "one patch, or is `num_prefix_tokens` wrong?"
             )
-        prefix, feats = hidden_states[:, :num_prefix], hidden_states[:, num_prefix:]  # [B, P, C], [B, N, C]
-        tokens = self.get_tokens(adapter_name, row)  # [M, C]
-        x = feats.to(tokens.dtype)
+        keys, values = self._projections(adapter_name, row)  # [C, M], [M, C]
+        delta_f, scale = self.rein_delta_f[adapter_name], self._scale(adapter_name)
+        x = hidden_states.reshape(batch * length, hidden).to(keys.dtype)  # [B*S, C]
 
-        attn = x @ tokens.T  # [B, N, M]
+        attn = x @ keys  # [B*S, M]
         if settings.use_softmax:
-            attn = torch.softmax(attn * settings.hidden_size**-0.5, dim=-1)
-        # token 0 takes part in the softmax but contributes no value
-        delta = attn[..., 1:] @ self.rein_token2feat[adapter_name](tokens[1:])  # [B, N, M-1] @ [M-1, C]
-        delta = self.rein_delta_f[adapter_name](delta + x)  # [B, N, C]
-        if adapter_name in self.rein_scale:
-            delta = delta * self.rein_scale[adapter_name]
-        refined = torch.cat([prefix, feats + delta.to(feats.dtype)], dim=1)  # [B, S, C]
+            attn = attn.softmax(dim=-1)
+        delta = x @ (delta_f.weight.T * scale)  # [B*S, C]
+        delta.addmm_(attn.to(delta.dtype), values.to(delta.dtype))  # in-place ops are not autocast: cast here
+        if not settings.use_softmax:
+            delta = delta + delta_f.bias * scale
+        delta = delta.view(batch, length, hidden)
+        delta[:, :num_prefix] = 0  # prefix tokens pass through untouched
+        refined = hidden_states + delta.to(hidden_states.dtype)
         return refined if settings.batch_first else refined.transpose(0, 1)
 
     def refine_layer_output(self, layer_name: str, output: Any) -> Any:

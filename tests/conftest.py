@@ -137,12 +137,14 @@ def tiny_dinov2(num_layers: int = LAYERS, hidden: int = HIDDEN, classifier: bool
 
 
 def randomize_adapter(peft_model: torch.nn.Module, seed: int = 1) -> None:
-    """Give every adapter tensor seeded values large enough that the refinement visibly changes the output."""
+    """Give every adapter tensor seeded values that change the output visibly while keeping activations O(1):
+    matrices get std 1/sqrt(fan-in), vectors (biases, the scale) std 0.5."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if ".rein_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+                values = torch.randn(param.shape, generator=generator)
+                param.copy_(values / param.shape[-1] ** 0.5 if param.ndim >= 2 else values * 0.5)
 
 
 @pytest.fixture(params=sorted(FAMILIES))
