@@ -4,12 +4,15 @@ Nothing here is a list of known paths. The rules, in order:
 
 - patch embedding: the first module that is a patchifying `Conv2d` (kernel == stride > 1) or is named
   `patch_embedding` / `patch_embeddings` (transformers' name for it, also where it is a `Linear`, as in SigLIP2);
-- encoder layers: the `nn.ModuleList` of same-class blocks that sits closest to the patch embedding (so the vision
-  tower of `CLIPModel`, not its text tower, and the backbone of a segmentation model, not its decoder);
+- encoder layers: the `nn.ModuleList` (or `nn.Sequential`) of same-class blocks that sits closest to the patch
+  embedding (so the vision tower of `CLIPModel`, not its text tower, and the backbone of a segmentation model, not its
+  decoder); all of them must have the same width, which rules out staged models (Swin, Hiera);
 - hidden size C: `in_features` of the first `nn.Linear` inside the first targeted layer;
-- prefix tokens: the learned tokens the embedding prepends to the patches, i.e. the parameters named `*_token(s)` or
-  `class_embedding` (not `mask_token`, which replaces patches) of the nearest ancestor of the patch embedding that has
-  any: CLS 1, DeiT CLS + distillation 2, DINOv2 with registers 1 + R, SigLIP 0;
+- prefix tokens: the learned tokens the embedding prepends to the patches (CLS `cls_token` / `class_embedding`,
+  distillation `distillation_token` / `dist_token`, registers `register_tokens` / `reg_token`), found on the
+  nearest ancestor of the patch embedding that has any, up to the module that also holds the encoder layers: CLS 1,
+  DeiT 2, DINOv2 with registers 1 + R, SigLIP 0. Any other learned `*_token(s)` there (YOLOS's detection tokens,
+  which go at the end) is an error that asks for `num_prefix_tokens`; `mask_token` replaces patches and is ignored;
 - layout: batch-first unless the layer holds a torch `nn.MultiheadAttention` built with `batch_first=False`;
 - patch size: the patchifying convolution's kernel, else `patch_size` in the model's config (or its vision/backbone
   sub-config).
@@ -27,9 +30,17 @@ from torch import nn
 from .config import ReinConfig
 
 PATCH_EMBEDDING_NAMES = ("patch_embedding", "patch_embeddings")
-PREFIX_TOKEN_SUFFIXES = ("_token", "_tokens")
-PREFIX_TOKEN_NAMES = ("class_embedding",)
+PREFIX_TOKEN_NAMES = (
+    "cls_token",
+    "class_embedding",
+    "distillation_token",
+    "dist_token",
+    "register_tokens",
+    "reg_token",
+)
+TOKEN_SUFFIXES = ("_token", "_tokens")
 NOT_PREFIX_TOKEN_NAMES = ("mask_token",)
+LAYER_LIST_TYPES = (nn.ModuleList, nn.Sequential)
 SUB_CONFIG_NAMES = ("vision_config", "backbone_config")
 CONTAINER_TYPES = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
@@ -83,10 +94,10 @@ def _common_prefix_length(a: str, b: str) -> int:
 
 
 def find_layer_list(model: nn.Module, anchor_name: str) -> str | None:
-    """Name of the `ModuleList` of same-class blocks closest to `anchor_name` (ties: the larger one)."""
+    """Name of the list of same-class blocks closest to `anchor_name` (ties: the larger one)."""
     candidates = []
     for name, module in model.named_modules():
-        blocks = list(module) if isinstance(module, nn.ModuleList) else []
+        blocks = list(module) if isinstance(module, LAYER_LIST_TYPES) else []
         if not blocks or len({type(block) for block in blocks}) != 1 or not list(blocks[0].children()):
             continue
         num_params = sum(p.numel() for p in module.parameters())
@@ -94,16 +105,26 @@ def find_layer_list(model: nn.Module, anchor_name: str) -> str | None:
     return max(candidates)[2] if candidates else None
 
 
-def count_prefix_tokens(model: nn.Module, patch_embedding_name: str, hidden_size: int) -> int:
+def _common_ancestor(a: str, b: str) -> str:
+    return ".".join(a.split(".")[: _common_prefix_length(a, b)])
+
+
+def count_prefix_tokens(model: nn.Module, patch_embedding_name: str, layer_name: str, hidden_size: int) -> int:
     """Learned tokens prepended to the patch tokens, read off the nearest embedding module that has any."""
+    top = _common_ancestor(patch_embedding_name, layer_name)  # the vision tower: look no higher
     name = patch_embedding_name
-    while name:
+    while name != top:
         name = _parent_name(name)
         count = 0
         for param_name, param in model.get_submodule(name).named_parameters(recurse=False):
-            is_prefix = param_name.endswith(PREFIX_TOKEN_SUFFIXES) or param_name in PREFIX_TOKEN_NAMES
-            if is_prefix and param_name not in NOT_PREFIX_TOKEN_NAMES:
+            if param_name in PREFIX_TOKEN_NAMES and param.shape[-1] == hidden_size:
                 count += param.numel() // hidden_size
+            elif param_name.endswith(TOKEN_SUFFIXES) and param_name not in NOT_PREFIX_TOKEN_NAMES:
+                raise ReinUnsupportedModelError(
+                    f"{type(model).__name__} has learned tokens '{name + '.' if name else ''}{param_name}' that "
+                    "Rein cannot place in the sequence. Set `ReinConfig(num_prefix_tokens=...)` to the number of "
+                    "tokens before the patch tokens (tokens after them are not supported)."
+                )
         if count:
             return count
     return 0
@@ -183,11 +204,17 @@ def discover(model: nn.Module, config: ReinConfig) -> ReinTargets:
             )
 
     hidden_size = _hidden_size(model, layer_names[0])
+    widths = {name: _hidden_size(model, name) for name in layer_names}
+    if len(set(widths.values())) > 1:
+        raise ReinUnsupportedModelError(
+            f"The layers Rein found in {type(model).__name__} change width ({widths}): a staged model (Swin, Hiera) "
+            "has no single sequence of equal-width tokens to refine. Point `target_modules` at same-width layers."
+        )
     num_prefix_tokens = config.num_prefix_tokens
     if num_prefix_tokens is None:
         if patch_embedding is None:
             raise ReinUnsupportedModelError(_how_to_configure(model))
-        num_prefix_tokens = count_prefix_tokens(model, patch_embedding, hidden_size)
+        num_prefix_tokens = count_prefix_tokens(model, patch_embedding, layer_names[0], hidden_size)
     patch_size = config.patch_size or find_patch_size(model, patch_embedding)
     if patch_size is None:
         raise ReinUnsupportedModelError(

@@ -163,18 +163,27 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         return keys, values * self._scale(adapter_name)
 
     def _projections(self, adapter_name: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_compute_projections`, cached while no gradient is recorded, until a weight is replaced or changed
-        in place (tracked by identity, address and version counter)."""
+        """`_compute_projections` in the adapter's own precision (autocast off: the GEMMs that use them cast them),
+        cached while no gradient is recorded, until a weight is replaced or changed in place (tracked by identity,
+        address and version counter; writes through `.data` bypass the version counter: call `train()` or `eval()`
+        after them, which empty the cache)."""
+        device_type = self.device_anchor.device.type
         if torch.is_grad_enabled():
-            return self._compute_projections(adapter_name, row)
+            with torch.autocast(device_type, enabled=False):
+                return self._compute_projections(adapter_name, row)
         weights = self._weights(adapter_name)
         state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
         cached = self.projection_cache.get((adapter_name, row))
         if cached is None or cached[0] != state:
             # the entry keeps the weights alive, so their ids cannot be reused by other tensors meanwhile
-            cached = (state, weights, self._compute_projections(adapter_name, row))
+            with torch.autocast(device_type, enabled=False):
+                cached = (state, weights, self._compute_projections(adapter_name, row))
             self.projection_cache[(adapter_name, row)] = cached
         return cached[2]
+
+    def train(self, mode: bool = True) -> ReinLayer:
+        self.projection_cache = {}
+        return super().train(mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -190,22 +199,22 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         settings = self.rein_settings[adapter_name]
         if not settings.batch_first:
             hidden_states = hidden_states.transpose(0, 1)
-        batch, length, hidden = hidden_states.shape
+        hidden, num_prefix = hidden_states.shape[-1], settings.num_prefix_tokens
         if hidden != settings.hidden_size:
             raise ValueError(
                 f"Rein adapter '{adapter_name}' was built for hidden size {settings.hidden_size}, but the layer "
-                f"produced hidden states of shape {tuple(hidden_states.shape)}."
+                f"produced hidden states of shape {tuple(hidden_states.shape)}. Rein refines token sequences "
+                "[batch, tokens, hidden] (or [batch, height, width, hidden]); channels-first layers are not supported."
             )
-        num_prefix = settings.num_prefix_tokens
-        if length <= num_prefix:
+        if num_prefix and (hidden_states.dim() != 3 or hidden_states.shape[1] <= num_prefix):
             raise ValueError(
-                f"Rein expects {num_prefix} prefix tokens followed by patch tokens, but the layer produced "
-                f"{length} tokens (hidden states {tuple(hidden_states.shape)}). Is the input image smaller than "
-                "one patch, or is `num_prefix_tokens` wrong?"
+                f"Rein expects {num_prefix} prefix tokens followed by patch tokens, but the layer produced hidden "
+                f"states of shape {tuple(hidden_states.shape)}. Is the input image smaller than one patch, or is "
+                "`num_prefix_tokens` wrong?"
             )
         keys, values = self._projections(adapter_name, row)  # [C, M], [M, C]
         delta_f, scale = self.rein_delta_f[adapter_name], self._scale(adapter_name)
-        x = hidden_states.reshape(batch * length, hidden).to(keys.dtype)  # [B*S, C]
+        x = hidden_states.reshape(-1, hidden).to(keys.dtype)  # [B*S, C]
 
         attn = x @ keys  # [B*S, M]
         if settings.use_softmax:
@@ -214,7 +223,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         delta.addmm_(attn.to(delta.dtype), values.to(delta.dtype))  # in-place ops are not autocast: cast here
         if not settings.use_softmax:
             delta = delta + delta_f.bias * scale
-        delta = delta.view(batch, length, hidden)
+        delta = delta.view(hidden_states.shape)
         delta[:, :num_prefix] = 0  # prefix tokens pass through untouched
         refined = hidden_states + delta.to(hidden_states.dtype)
         return refined if settings.batch_first else refined.transpose(0, 1)
@@ -236,8 +245,13 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         device = self.device_anchor.device if device is None else device
         for name in self.adapter_layer_names:
             container = getattr(self, name)
-            if adapter_name in container:
-                container[adapter_name] = container[adapter_name].to(device)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):  # a new Parameter would require grad, frozen or not
+                container[adapter_name] = nn.Parameter(item.to(device), requires_grad=item.requires_grad)
+            else:
+                container[adapter_name] = item.to(device)
 
 
 class ReinHook:
