@@ -193,8 +193,9 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         """Apply one adapter's refinement of layer `row` to that layer's output hidden states.
 
         The same numbers as REIN.md's `F + scale * delta_f(softmax(F T^T / sqrt(C))[:, 1:] @ token2feat(T[1:]) + F)`,
-        rearranged into two small GEMMs and one C x C GEMM over the whole sequence, with no split or concatenation
-        of the hidden states: the prefix rows of the update are zeroed instead.
+        rearranged into two small GEMMs (`[B*S, C] @ [C, M]`, `[B*S, M] @ [M, C]`) and one `C x C` GEMM over the
+        whole sequence. Nothing splits, permutes or concatenates the hidden states: the prefix rows of the result
+        are put back instead. Works on `[B, S, C]` and on spatial `[B, H, W, C]` hidden states (no prefix tokens).
         """
         settings = self.rein_settings[adapter_name]
         if not settings.batch_first:
@@ -219,13 +220,23 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         attn = x @ keys  # [B*S, M]
         if settings.use_softmax:
             attn = attn.softmax(dim=-1)
-        delta = x @ (delta_f.weight.T * scale)  # [B*S, C]
-        delta.addmm_(attn.to(delta.dtype), values.to(delta.dtype))  # in-place ops are not autocast: cast here
+        weight = delta_f.weight.T * scale  # [C, C]
+        # In full precision the residual can ride in the GEMM, x @ (I + W) = x + x @ W, saving a pass over the
+        # hidden states; with autocast or a lower-precision base it stays a separate add, so it is never rounded.
+        fold_residual = hidden_states.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+        if fold_residual:
+            weight = weight + torch.eye(hidden, dtype=weight.dtype, device=weight.device)
+        update = x @ weight  # [B*S, C]
+        update.addmm_(attn.to(update.dtype), values.to(update.dtype))  # in-place ops are not autocast: cast here
         if not settings.use_softmax:
-            delta = delta + delta_f.bias * scale
-        delta = delta.view(hidden_states.shape)
-        delta[:, :num_prefix] = 0  # prefix tokens pass through untouched
-        refined = hidden_states + delta.to(hidden_states.dtype)
+            update = update + delta_f.bias * scale
+        update = update.view(hidden_states.shape)
+        if fold_residual:
+            update[:, :num_prefix] = hidden_states[:, :num_prefix]  # prefix tokens pass through untouched
+            refined = update
+        else:
+            update[:, :num_prefix] = 0
+            refined = hidden_states + update.to(hidden_states.dtype)
         return refined if settings.batch_first else refined.transpose(0, 1)
 
     def refine_layer_output(self, layer_name: str, output: Any) -> Any:
