@@ -74,6 +74,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         self.rein_transform = nn.ModuleDict()
         self.rein_merge = nn.ModuleDict()
         self.rein_settings: dict[str, ReinSettings] = {}
+        # adapter -> sequence length seen at its first adapted layer in the current forward
+        self.sequence_lengths: dict[str, int] = {}
         # eval-mode cache: (adapter, row) -> (weights' state, the weights, (keys, values))
         self.projection_cache: dict[tuple[str, int], tuple] = {}
         self._active_adapter: list[str] = []
@@ -189,6 +191,20 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
 
+    def _check_sequence_length(self, adapter_name: str, row: int, length: int) -> None:
+        """Refuse a forward whose sequence changes length between adapted layers: something was inserted into the
+        sequence inside the encoder (EoMT puts its queries in front before its last blocks), so the prefix count
+        no longer holds."""
+        if row == 0:
+            self.sequence_lengths[adapter_name] = length
+        elif self.sequence_lengths.get(adapter_name, length) != length:
+            first = self.sequence_lengths[adapter_name]
+            raise ValueError(
+                f"The sequence changed from {first} to {length} tokens between the layers Rein adapts (at adapted "
+                f"layer {row}): the model inserts tokens inside its encoder, so Rein cannot tell patch tokens from "
+                "the rest there. Set `ReinConfig(layers_to_transform=...)` to the layers before the insertion."
+            )
+
     def refine(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
         """Apply one adapter's refinement of layer `row` to that layer's output hidden states.
 
@@ -201,6 +217,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         if not settings.batch_first:
             hidden_states = hidden_states.transpose(0, 1)
         hidden, num_prefix = hidden_states.shape[-1], settings.num_prefix_tokens
+        self._check_sequence_length(adapter_name, row, hidden_states.shape[1])
         if hidden != settings.hidden_size:
             raise ValueError(
                 f"Rein adapter '{adapter_name}' was built for hidden size {settings.hidden_size}, but the layer "

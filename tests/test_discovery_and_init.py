@@ -174,3 +174,25 @@ def test_moving_an_adapter_keeps_it_frozen():
     rein._move_adapter_to_device_of_base_layer("frozen", torch.device("cpu"))
     assert not rein.rein_tokens["frozen"].requires_grad and not rein.rein_scale["frozen"].requires_grad
     assert rein.rein_tokens["default"].requires_grad
+
+
+class InsertsQueriesBeforeLastBlock(TimmStyleViT):
+    """Like EoMT: learned queries join the front of the sequence before the last block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, 3, HIDDEN))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed.proj(pixels).flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = torch.cat([self.cls_token, self.reg_token], 1).expand(len(pixels), -1, -1)
+        hidden = self.blocks[0](torch.cat([tokens, patches], 1))
+        return self.blocks[1](torch.cat([self.queries.expand(len(pixels), -1, -1), hidden], 1))
+
+
+def test_tokens_inserted_inside_the_encoder_are_refused_at_forward():
+    peft_model = get_peft_model(InsertsQueriesBeforeLastBlock(), ReinConfig(token_length=4))
+    with pytest.raises(ValueError, match="changed from 21 to 24 tokens.*layers_to_transform"):
+        peft_model(_pixels())
+    only_first = get_peft_model(InsertsQueriesBeforeLastBlock(), ReinConfig(token_length=4, layers_to_transform=[0]))
+    assert only_first(_pixels()).shape == (2, 24, HIDDEN)
