@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     parser.set_defaults(**EMBEDDED_DEFAULTS)
     script, rein, training = parser.parse_args_into_dataclasses(args=argv)
     check_writable(training.output_dir)
+    # the adapter alone is pushed at the end (Trainer would push its whole output folder at every save)
+    push_to_hub, training.push_to_hub = training.push_to_hub, False
+    hub_model_id = training.hub_model_id or os.path.basename(os.path.abspath(training.output_dir))
     start = time.perf_counter()
 
     splits = load_splits(script)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         baseline_args = TrainingArguments(
             **{**training.to_dict(), "output_dir": os.path.join(training.output_dir, "frozen-head")}
         )
-        baseline_args.save_strategy, baseline_args.push_to_hub = "no", False
+        baseline_args.save_strategy = "no"
         baseline_trainer = make_trainer(baseline, baseline_args, data, metric, callbacks)
         baseline_trainer.train()
         results["frozen_head_accuracy"] = baseline_trainer.evaluate()["eval_accuracy"]
@@ -233,8 +236,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     adapter_dir = os.path.join(training.output_dir, "adapter")
     trainer.save_model(adapter_dir)  # adapter and head only, written by the main process
     trainer.accelerator.wait_for_everyone()
-    if training.push_to_hub:
-        trainer.push_to_hub()
+    if push_to_hub and trainer.is_world_process_zero():
+        results["hub_commit"] = model.push_to_hub(hub_model_id, token=training.hub_token).oid
 
     # every process takes part in the (distributed) evaluation of the reloaded adapter
     reloaded = PeftModel.from_pretrained(load_classifier(), adapter_dir)

@@ -341,3 +341,23 @@ def test_hub_server_speaks_what_the_client_needs(hub: str, tmp_path: Path):
         "missing_revision": "RevisionNotFoundError",
         "exists_after_delete": False,
     }
+
+
+def test_the_main_job_pushes_its_adapter(hub: str, tmp_path: Path):
+    """examples/train_image_classification.py --push_to_hub uploads the trained adapter, which loads back."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_image_classification.py"
+    script = f"""
+        import subprocess
+        flags = ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "2", "--skip_baseline"]
+        flags += ["--output_dir", os.path.join(OUT, "run"), "--push_to_hub", "--hub_model_id", "tester/rein-example"]
+        subprocess.run([sys.executable, {str(example)!r}, *flags], check=True, capture_output=True)
+        weights = safetensors.torch.load_file(hf_hub_download("tester/rein-example", "adapter_model.safetensors"))
+        local = safetensors.torch.load_file(os.path.join(OUT, "run", "adapter", "adapter_model.safetensors"))
+        report(
+            files=sorted(api.list_repo_files("tester/rein-example")),
+            same=sorted(weights) == sorted(local) and all(torch.equal(weights[k], local[k]) for k in local),
+        )
+    """
+    result = run_client(hub, tmp_path, "import safetensors.torch\n" + textwrap.dedent(script))
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(result["files"])
+    assert result["same"]

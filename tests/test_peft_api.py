@@ -244,3 +244,35 @@ def test_vision_tower_of_clip_model_is_found_not_the_text_tower():
     peft_model = get_peft_model(build(FAMILIES["clip"]), ReinConfig(token_length=4))
     layer_rows = peft_model.base_model.model.vision_model.encoder.rein.rein_settings["default"].layer_rows
     assert list(layer_rows) == ["vision_model.encoder.layers.0", "vision_model.encoder.layers.1"]
+
+
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+VISION = {**SIZES, "image_size": 32, "patch_size": 8}
+HEADS = {  # head class, its config, prefix tokens
+    "deit": (tf.DeiTForImageClassification, tf.DeiTConfig(**VISION, num_labels=3), 2),
+    "dinov2_registers": (
+        tf.Dinov2WithRegistersForImageClassification,
+        tf.Dinov2WithRegistersConfig(**VISION, num_register_tokens=4, num_labels=3),
+        5,
+    ),
+    "data2vec_vision": (tf.Data2VecVisionForImageClassification, tf.Data2VecVisionConfig(**VISION, num_labels=3), 1),
+    # the CLIP and SigLIP classifiers take a two-tower config and use the vision tower
+    "clip": (tf.CLIPForImageClassification, tf.CLIPConfig(text_config=SIZES, vision_config=VISION, num_labels=3), 1),
+    "siglip": (
+        tf.SiglipForImageClassification,
+        tf.SiglipConfig(text_config=SIZES, vision_config=VISION, num_labels=3),
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_task_heads_of_each_family_train_with_rein(name):
+    head_class, config, num_prefix = HEADS[name]
+    torch.manual_seed(0)
+    peft_model = get_peft_model(head_class(config), ReinConfig(token_length=4, modules_to_save=["classifier"]))
+    rein_layer = next(m for m in peft_model.modules() if isinstance(m, ReinLayer))
+    assert rein_layer.rein_settings["default"].num_prefix_tokens == num_prefix
+    peft_model.train()
+    peft_model(pixel_values=_pixels(), labels=torch.tensor([0, 2])).loss.backward()
+    assert rein_layer.rein_tokens["default"].grad.abs().sum() > 0
