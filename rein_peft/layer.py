@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,24 +165,30 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             values = values + delta_f.bias
         return keys, values * self._scale(adapter_name)
 
-    def _projections(self, adapter_name: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_compute_projections` in the adapter's own precision (autocast off: the GEMMs that use them cast them),
-        cached while no gradient is recorded, until a weight is replaced or changed in place (tracked by identity,
-        address and version counter; writes through `.data` bypass the version counter: call `train()` or `eval()`
-        after them, which empty the cache)."""
-        device_type = self.device_anchor.device.type
-        if torch.is_grad_enabled():
-            with torch.autocast(device_type, enabled=False):
-                return self._compute_projections(adapter_name, row)
-        weights = self._weights(adapter_name)
-        state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
-        cached = self.projection_cache.get((adapter_name, row))
-        if cached is None or cached[0] != state:
-            # the entry keeps the weights alive, so their ids cannot be reused by other tensors meanwhile
-            with torch.autocast(device_type, enabled=False):
-                cached = (state, weights, self._compute_projections(adapter_name, row))
-            self.projection_cache[(adapter_name, row)] = cached
-        return cached[2]
+    def _delta_weight(self, adapter_name: str, fold_residual: bool) -> torch.Tensor:
+        """`scale * delta_f.weight^T` (`[C, C]`, shared by all layers); `fold_residual` adds the identity, so that
+        `x @ weight = x + scale * x @ W^T`."""
+        weight = self.rein_delta_f[adapter_name].weight.T * self._scale(adapter_name)
+        if fold_residual:
+            weight.diagonal().add_(1.0)
+        return weight
+
+    def _cached(self, key: tuple, compute: Callable[..., Any], adapter_name: str, *args: Any) -> Any:
+        """`compute(adapter_name, *args)` in the adapter's own precision (autocast off: the GEMMs that use the
+        result cast it), cached under `key` while no gradient is recorded, until a weight is replaced or changed in
+        place (tracked by identity, address and version counter; writes through `.data` bypass the version counter:
+        call `train()` or `eval()` after them, which empty the cache)."""
+        with torch.autocast(self.device_anchor.device.type, enabled=False):
+            if torch.is_grad_enabled():
+                return compute(adapter_name, *args)
+            weights = self._weights(adapter_name)
+            state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
+            cached = self.projection_cache.get(key)
+            if cached is None or cached[0] != state:
+                # the entry keeps the weights alive, so their ids cannot be reused by other tensors meanwhile
+                cached = (state, weights, compute(adapter_name, *args))
+                self.projection_cache[key] = cached
+            return cached[2]
 
     def train(self, mode: bool = True) -> ReinLayer:
         self.projection_cache = {}
@@ -230,23 +237,21 @@ class ReinLayer(nn.Module, BaseTunerLayer):
                 f"states of shape {tuple(hidden_states.shape)}. Is the input image smaller than one patch, or is "
                 "`num_prefix_tokens` wrong?"
             )
-        keys, values = self._projections(adapter_name, row)  # [C, M], [M, C]
-        delta_f, scale = self.rein_delta_f[adapter_name], self._scale(adapter_name)
+        keys, values = self._cached((adapter_name, row), self._compute_projections, adapter_name, row)  # [C,M], [M,C]
         x = hidden_states.reshape(-1, hidden).to(keys.dtype)  # [B*S, C]
+        # In full precision the residual can ride in the GEMM, x @ (I + W) = x + x @ W, saving a pass over the
+        # hidden states; with autocast or a lower-precision base it stays a separate add, so it is never rounded.
+        fold_residual = hidden_states.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+        weight_key = (adapter_name, "delta_f", fold_residual)  # shared by all layers
+        weight = self._cached(weight_key, self._delta_weight, adapter_name, fold_residual)  # [C, C]
 
         attn = x @ keys  # [B*S, M]
         if settings.use_softmax:
             attn = attn.softmax(dim=-1)
-        weight = delta_f.weight.T * scale  # [C, C]
-        # In full precision the residual can ride in the GEMM, x @ (I + W) = x + x @ W, saving a pass over the
-        # hidden states; with autocast or a lower-precision base it stays a separate add, so it is never rounded.
-        fold_residual = hidden_states.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
-        if fold_residual:
-            weight = weight + torch.eye(hidden, dtype=weight.dtype, device=weight.device)
         update = x @ weight  # [B*S, C]
         update.addmm_(attn.to(update.dtype), values.to(update.dtype))  # in-place ops are not autocast: cast here
         if not settings.use_softmax:
-            update = update + delta_f.bias * scale
+            update = update + self.rein_delta_f[adapter_name].bias * self._scale(adapter_name)
         update = update.view(hidden_states.shape)
         if fold_residual:
             update[:, :num_prefix] = hidden_states[:, :num_prefix]  # prefix tokens pass through untouched

@@ -50,7 +50,8 @@ def test_cache_is_kept_while_weights_are_unchanged():
         peft_model(_pixels())
         entries = {key: entry[2] for key, entry in cache.items()}
         peft_model(_pixels())
-    assert set(entries) == {("default", 0), ("default", 1)}
+    # keys and values per layer, and the delta_f weight (residual folded in) that all layers share
+    assert set(entries) == {("default", 0), ("default", 1), ("default", "delta_f", True)}
     assert all(cache[key][2] is entries[key] for key in entries)
 
 
