@@ -5,7 +5,8 @@ models built from configs (weights do not change speed).
     python benchmarks/overhead.py                       # the CPU run whose results are in benchmarks/results/
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --configs B@224x64 L@512x8
 
-Times are medians over repeats after warm-up, the methods measured in turn within each repeat. Training memory is
+The methods run in turn within each repeat, after warm-up; a time ratio is the median over repeats of the ratio
+within a repeat (robust to the drift of a shared machine), throughput the median time. Training memory is
 CUDA's max-allocated on a GPU; on CPU it is counted tensor by tensor: parameters, gradients and optimizer state,
 plus every activation saved for backward (torch.autograd.graph.saved_tensors_hooks, each storage once). Beside each
 measured overhead the script prints the bound of a FLOP model (see `flop_model`). It writes the numbers as JSON and
@@ -94,8 +95,8 @@ def flop_model(setting: Setting) -> dict[str, float]:
     }
 
 
-def _median_times(functions: dict[str, callable], repeats: int, warmup: int, device: str) -> dict[str, float]:
-    """Median seconds of each function, calling them in turn within every repeat so drift hits all alike."""
+def _times(functions: dict[str, callable], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each function in every repeat, calling them in turn within a repeat so drift hits all alike."""
     times = {name: [] for name in functions}
     for repeat in range(warmup + repeats):
         for name, function in functions.items():
@@ -107,7 +108,12 @@ def _median_times(functions: dict[str, callable], repeats: int, warmup: int, dev
                 torch.cuda.synchronize()
             if repeat >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over repeats of the ratio of two methods timed side by side in the same repeat."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def _inference(model, pixels):
@@ -182,10 +188,13 @@ def benchmark(setting: Setting, args) -> dict:
         for method, model in models.items()
         if method != "bare"
     }
-    inference = _median_times(
-        {method: _inference(model, pixels) for method, model in models.items()}, args.repeats, args.warmup, device
+    inference = _times(
+        {method: _inference(model, pixels) for method, model in models.items()},
+        args.inference_repeats,
+        args.warmup,
+        device,
     )
-    train = _median_times(
+    train = _times(
         {m: _train_step(models[m], pixels, labels, optimizers[m]) for m in optimizers},
         args.repeats,
         args.warmup,
@@ -197,10 +206,14 @@ def benchmark(setting: Setting, args) -> dict:
         "methods": {},
     }
     for method, model in models.items():
+        trains = method in optimizers
         result["methods"][method] = {
-            "inference_s": inference[method],
-            "images_per_s": setting.batch / inference[method],
-            "train_step_s": train.get(method),
+            "inference_s": statistics.median(inference[method]),
+            "images_per_s": setting.batch / statistics.median(inference[method]),
+            "inference_over_bare": paired_ratio(inference, method, "bare"),
+            "train_step_s": statistics.median(train[method]) if trains else None,
+            "train_over_full": paired_ratio(train, method, "full") if trains else None,
+            "train_over_lora": paired_ratio(train, method, "lora16") if trains else None,
             "train_memory_mb": (
                 training_memory(model, pixels, labels, optimizers[method], device) / 1e6
                 if method in optimizers
@@ -221,12 +234,13 @@ def sweep(size: str, args, resolutions: list[int], batches: list[int]) -> list[d
     for setting in points:
         models = {method: build(method, setting, dtype, device) for method in ("bare", "rein")}
         pixels = torch.randn(setting.batch, 3, setting.resolution, setting.resolution, device=device, dtype=dtype)
-        times = _median_times({m: _inference(model, pixels) for m, model in models.items()}, args.repeats, 1, device)
+        functions = {m: _inference(model, pixels) for m, model in models.items()}
+        times = _times(functions, args.inference_repeats, args.warmup, device)
         rows.append(
             {
                 "resolution": setting.resolution,
                 "batch": setting.batch,
-                "rein_over_bare": times["rein"] / times["bare"],
+                "rein_over_bare": paired_ratio(times, "rein", "bare"),
                 "bound": flop_model(setting)["inference_rein_over_bare"],
             }
         )
@@ -236,17 +250,17 @@ def sweep(size: str, args, resolutions: list[int], batches: list[int]) -> list[d
 
 def print_table(result: dict) -> None:
     methods, bound = result["methods"], result["bound"]
-    bare, lora, full = methods["bare"], methods["lora16"], methods["full"]
-    print(f"\n{Setting(**result['setting'])}")
+    full = methods["full"]
+    print(f"\n{Setting(**result['setting'])} (time ratios: medians of ratios within each repeat)")
     header = f"{'method':<12}{'infer/bare':>11}{'img/s':>9}{'step/full':>10}{'step/LoRA':>10}{'mem/full':>9}"
     print(header + f"{'trainable':>12}{'file MB':>9}")
     for name, row in methods.items():
-        step, memory = row["train_step_s"], row["train_memory_mb"]
+        memory = row["train_memory_mb"]
         cells = [
-            f"{row['inference_s'] / bare['inference_s']:>11.3f}",
+            f"{row['inference_over_bare']:>11.3f}",
             f"{row['images_per_s']:>9.1f}",
-            f"{step / full['train_step_s']:>10.3f}" if step else f"{'-':>10}",
-            f"{step / lora['train_step_s']:>10.3f}" if step else f"{'-':>10}",
+            f"{row['train_over_full']:>10.3f}" if memory else f"{'-':>10}",
+            f"{row['train_over_lora']:>10.3f}" if memory else f"{'-':>10}",
             f"{memory / full['train_memory_mb']:>9.3f}" if memory else f"{'-':>9}",
         ]
         print(f"{name:<12}" + "".join(cells) + f"{row['trainable_params']:>12,}{row['adapter_mb']:>9.2f}")
@@ -310,7 +324,8 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed training steps per method")
+    parser.add_argument("--inference-repeats", type=int, default=7, help="timed inference batches per method")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sweep-size", default="S")
     parser.add_argument("--sweep-resolutions", type=int, nargs="+", default=[224, 320, 384, 512])

@@ -20,7 +20,7 @@ def test_flop_model_gives_the_published_bound(setting, overhead):
 
 
 def test_benchmark_runs_and_writes_json_and_png(tmp_path):
-    command = [sys.executable, str(BENCHMARKS / "overhead.py"), "--configs", "S@32x2", "--repeats", "1"]
+    command = [sys.executable, str(BENCHMARKS / "overhead.py"), "--configs", "S@32x2", "--repeats", "1", "--inference-repeats", "1"]
     command += ["--warmup", "0", "--sweep-resolutions", "32", "48", "--sweep-batches", "1", "2"]
     result = subprocess.run([*command, "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
