@@ -228,8 +228,9 @@ def benchmark(setting: Setting, args) -> dict:
 def sweep(size: str, args, resolutions: list[int], batches: list[int]) -> list[dict]:
     """Rein's inference overhead over the bare model as input size and batch size grow."""
     dtype, device = getattr(torch, args.dtype), args.device
-    points = [Setting(size, resolution, batches[len(batches) // 2]) for resolution in resolutions]
-    points += [Setting(size, resolutions[0], batch) for batch in batches]
+    middle_batch = batches[len(batches) // 2]
+    points = [Setting(size, resolution, middle_batch) for resolution in resolutions]
+    points += [Setting(size, resolutions[0], batch) for batch in batches if batch != middle_batch]
     rows = []
     for setting in points:
         models = {method: build(method, setting, dtype, device) for method in ("bare", "rein")}
