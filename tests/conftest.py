@@ -128,6 +128,11 @@ def build(family: Family, seed: int = 0) -> torch.nn.Module:
     return family.build().eval()
 
 
+def pixels(batch: int, seed: int = 0, side: int = IMAGE) -> torch.Tensor:
+    """Seeded random images, [batch, 3, side, side]."""
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_dinov2(num_layers: int = LAYERS, hidden: int = HIDDEN, classifier: bool = True, **config_kwargs):
     config = tf.Dinov2Config(
         **{**SIZES, "num_hidden_layers": num_layers, "hidden_size": hidden, "num_labels": LABELS, **config_kwargs}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import transformers as tf
-from conftest import randomize_adapter, tiny_dinov2
+from conftest import pixels, randomize_adapter, tiny_dinov2
 from peft import get_peft_model
 from reference import ReferenceRein, official_tensors
 from torch import nn
@@ -16,10 +16,6 @@ from rein_peft import ReinConfig, ReinUnsupportedModelError
 from rein_peft.discovery import discover
 
 HIDDEN, PATCH = 32, 8
-
-
-def _pixels(batch: int = 2, side: int = 32) -> torch.Tensor:
-    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 
 
 # --- initialisation (REIN.md) ----------------------------------------------------------------------------------------
@@ -47,9 +43,9 @@ def test_zero_mlp_delta_f_starts_as_an_exact_identity():
     rein = peft_model.base_model.model.dinov2.encoder.rein
     assert "default" not in rein.rein_scale  # the constant 1.0, not a parameter
     with torch.no_grad():
-        adapted = peft_model(_pixels()).logits
+        adapted = peft_model(pixels(2)).logits
         with peft_model.disable_adapter():
-            plain = peft_model(_pixels()).logits
+            plain = peft_model(pixels(2)).logits
     assert torch.equal(adapted, plain)
 
 
@@ -133,9 +129,9 @@ def test_layers_with_spatial_hidden_states_are_refined():
             return reference.forward(tokens, index, batch_first=True, num_prefix=0).view(output.shape)
 
         layer.register_forward_hook(hook, prepend=True)
-    pixels = _pixels(side=64)
+    images = pixels(2, side=64)
     with torch.no_grad():
-        ours, theirs = peft_model(pixel_values=pixels), reference_model(pixel_values=pixels)
+        ours, theirs = peft_model(pixel_values=images), reference_model(pixel_values=images)
     assert (ours.last_hidden_state - theirs.last_hidden_state).abs().max().item() <= 1e-5
 
 
@@ -146,11 +142,11 @@ def test_cache_does_not_depend_on_autocast_order():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
     randomize_adapter(peft_model)
     with torch.no_grad():
-        fresh = peft_model(_pixels()).logits
+        fresh = peft_model(pixels(2)).logits
         peft_model.base_model.model.dinov2.encoder.rein.projection_cache.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            peft_model(_pixels())
-        assert torch.equal(peft_model(_pixels()).logits, fresh)
+            peft_model(pixels(2))
+        assert torch.equal(peft_model(pixels(2)).logits, fresh)
 
 
 def test_writes_through_data_are_picked_up_after_eval():
@@ -158,12 +154,12 @@ def test_writes_through_data_are_picked_up_after_eval():
     randomize_adapter(peft_model)
     rein = peft_model.base_model.model.dinov2.encoder.rein
     with torch.no_grad():
-        peft_model(_pixels())
+        peft_model(pixels(2))
         rein.rein_tokens["default"].data.mul_(2.0)  # bypasses the version counter, as an EMA update does
         peft_model.eval()
-        after = peft_model(_pixels()).logits
+        after = peft_model(pixels(2)).logits
         rein.projection_cache.clear()
-        assert torch.equal(peft_model(_pixels()).logits, after)
+        assert torch.equal(peft_model(pixels(2)).logits, after)
 
 
 def test_moving_an_adapter_keeps_it_frozen():
@@ -193,6 +189,6 @@ class InsertsQueriesBeforeLastBlock(TimmStyleViT):
 def test_tokens_inserted_inside_the_encoder_are_refused_at_forward():
     peft_model = get_peft_model(InsertsQueriesBeforeLastBlock(), ReinConfig(token_length=4))
     with pytest.raises(ValueError, match="changed from 21 to 24 tokens.*layers_to_transform"):
-        peft_model(_pixels())
+        peft_model(pixels(2))
     only_first = get_peft_model(InsertsQueriesBeforeLastBlock(), ReinConfig(token_length=4, layers_to_transform=[0]))
-    assert only_first(_pixels()).shape == (2, 24, HIDDEN)
+    assert only_first(pixels(2)).shape == (2, 24, HIDDEN)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build, randomize_adapter, tiny_dinov2
+from conftest import build, pixels, randomize_adapter, tiny_dinov2
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from reference import ReferenceRein, official_tensors
 
@@ -15,16 +15,12 @@ from rein_peft import ReinConfig
 TOLERANCE = 1e-5
 
 
-def _pixels(batch: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 def _reference_output(base, peft_model, adapter_name="default", use_softmax=True, num_prefix=1):
     reference_model = copy.deepcopy(base)
     reference = ReferenceRein(official_tensors(peft_model, adapter_name), use_softmax=use_softmax)
     reference.attach(list(reference_model.dinov2.encoder.layer), batch_first=True, num_prefix=num_prefix)
     with torch.no_grad():
-        return reference_model(_pixels()).logits
+        return reference_model(pixels(3)).logits
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"lora_dim": 4}, {"use_softmax": False}, {"zero_mlp_delta_f": True}])
@@ -34,10 +30,10 @@ def test_training_path_and_cached_path_equal_the_reference(kwargs):
     peft_model = get_peft_model(base, ReinConfig(token_length=6, **kwargs))
     randomize_adapter(peft_model)
     expected = _reference_output(plain, peft_model, use_softmax=kwargs.get("use_softmax", True))
-    with_grad = peft_model(_pixels()).logits  # projections computed in the graph
+    with_grad = peft_model(pixels(3)).logits  # projections computed in the graph
     with torch.no_grad():
-        cached_first = peft_model(_pixels()).logits  # projections computed and cached
-        cached_again = peft_model(_pixels()).logits  # projections read from the cache
+        cached_first = peft_model(pixels(3)).logits  # projections computed and cached
+        cached_again = peft_model(pixels(3)).logits  # projections read from the cache
     assert (with_grad.detach() - expected).abs().max().item() <= TOLERANCE
     assert (cached_first - expected).abs().max().item() <= TOLERANCE
     assert torch.equal(cached_again, cached_first)
@@ -47,9 +43,9 @@ def test_cache_is_kept_while_weights_are_unchanged():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
     cache = peft_model.base_model.model.dinov2.encoder.rein.projection_cache
     with torch.no_grad():
-        peft_model(_pixels())
+        peft_model(pixels(3))
         entries = {key: entry[2] for key, entry in cache.items()}
-        peft_model(_pixels())
+        peft_model(pixels(3))
     # keys and values per layer, and the delta_f weight (residual folded in) that all layers share
     assert set(entries) == {("default", 0), ("default", 1), ("default", "delta_f", True)}
     assert all(cache[key][2] is entries[key] for key in entries)
@@ -57,7 +53,7 @@ def test_cache_is_kept_while_weights_are_unchanged():
 
 def _assert_matches_reference(plain, peft_model, adapter_name="default"):
     with torch.no_grad():
-        ours = peft_model(_pixels()).logits
+        ours = peft_model(pixels(3)).logits
     assert (ours - _reference_output(plain, peft_model, adapter_name)).abs().max().item() <= TOLERANCE
 
 
@@ -69,7 +65,7 @@ def test_cache_follows_training_steps():
     _assert_matches_reference(plain, peft_model)
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     peft_model.train()
-    peft_model(_pixels(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    peft_model(pixels(3), labels=torch.tensor([0, 1, 2])).loss.backward()
     optimizer.step()
     peft_model.eval()
     # the head trained too, and `plain` keeps the old one: compare the refined features, not the logits
@@ -77,8 +73,8 @@ def test_cache_follows_training_steps():
     reference = ReferenceRein(official_tensors(peft_model))
     reference.attach(list(reference_model.dinov2.encoder.layer), batch_first=True, num_prefix=1)
     with torch.no_grad():
-        ours = peft_model(_pixels(), output_hidden_states=True).hidden_states[-1]
-        theirs = reference_model(_pixels(), output_hidden_states=True).hidden_states[-1]
+        ours = peft_model(pixels(3), output_hidden_states=True).hidden_states[-1]
+        theirs = reference_model(pixels(3), output_hidden_states=True).hidden_states[-1]
     assert (ours - theirs).abs().max().item() <= TOLERANCE
 
 

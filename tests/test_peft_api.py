@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from conftest import FAMILIES, build, randomize_adapter, tiny_dinov2
+from conftest import FAMILIES, build, pixels, randomize_adapter, tiny_dinov2
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from reference import ReferenceRein, official_tensors
@@ -16,10 +16,6 @@ from torch import nn
 import rein_peft
 from rein_peft import ReinConfig, ReinLayer, ReinMergeError, ReinModel, ReinUnsupportedModelError
 from rein_peft.layer import ReinHook
-
-
-def _pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def _rein_hooks(model: nn.Module) -> list[ReinHook]:
@@ -87,7 +83,7 @@ def test_adapter_file_of_a_dinov2_large_sized_adapter_is_under_12_5_mb(tmp_path)
 
 def test_multiple_adapters_set_delete_and_disable():
     base = tiny_dinov2()
-    x = _pixels()
+    x = pixels(2)
     with torch.no_grad():
         plain = base(x).logits
     peft_model = get_peft_model(base, ReinConfig(token_length=6))
@@ -117,7 +113,7 @@ def test_multiple_adapters_set_delete_and_disable():
 def test_unload_returns_the_base_model_bit_identical():
     base = tiny_dinov2()
     reference = copy.deepcopy(base)
-    x = _pixels()
+    x = pixels(2)
     peft_model = get_peft_model(base, ReinConfig(token_length=6, modules_to_save=["classifier"]))
     randomize_adapter(peft_model)
     unloaded = peft_model.unload()
@@ -144,7 +140,7 @@ def test_deleting_the_last_adapter_removes_the_hooks():
 def test_merging_is_refused_clearly_and_loses_nothing():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
     randomize_adapter(peft_model)
-    x = _pixels()
+    x = pixels(2)
     with torch.no_grad():
         before = peft_model(x).logits
     with pytest.raises(ReinMergeError, match="cannot be merged.*depends on each input"):
@@ -164,7 +160,7 @@ def test_layers_to_transform_adapts_only_those_layers():
     rein_layer = base.dinov2.encoder.rein
     assert rein_layer.rein_tokens["default"].shape == (2, 6, 32)
     assert rein_layer.rein_settings["default"].layer_rows == {"dinov2.encoder.layer.2": 0, "dinov2.encoder.layer.3": 1}
-    x = _pixels()
+    x = pixels(2)
     with torch.no_grad():
         ours = peft_model(x, output_hidden_states=True).hidden_states
         plain = reference(x, output_hidden_states=True).hidden_states
@@ -274,5 +270,5 @@ def test_task_heads_of_each_family_train_with_rein(name):
     rein_layer = next(m for m in peft_model.modules() if isinstance(m, ReinLayer))
     assert rein_layer.rein_settings["default"].num_prefix_tokens == num_prefix
     peft_model.train()
-    peft_model(pixel_values=_pixels(), labels=torch.tensor([0, 2])).loss.backward()
+    peft_model(pixel_values=pixels(2), labels=torch.tensor([0, 2])).loss.backward()
     assert rein_layer.rein_tokens["default"].grad.abs().sum() > 0

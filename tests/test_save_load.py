@@ -9,15 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_dinov2
+from conftest import pixels, randomize_adapter, tiny_dinov2
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from rein_peft import ReinConfig, ReinLayer, ReinStateDictError
-
-
-def _pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def _seeded(seed: int = 0, **kwargs):
@@ -31,7 +27,7 @@ def saved_adapter(tmp_path):
     randomize_adapter(peft_model)
     with torch.no_grad():
         peft_model.base_model.model.classifier.modules_to_save["default"].bias.add_(0.5)
-        logits = peft_model(_pixels()).logits
+        logits = peft_model(pixels(2)).logits
     peft_model.save_pretrained(tmp_path)
     return tmp_path, peft_model, logits
 
@@ -88,7 +84,7 @@ def test_load_round_trip(saved_adapter, low_cpu_mem_usage):
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default, as in PEFT
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     with torch.no_grad():
-        assert torch.equal(loaded(_pixels()).logits, logits)
+        assert torch.equal(loaded(pixels(2)).logits, logits)
     trainable = PeftModel.from_pretrained(_seeded(), folder, is_trainable=True)
     assert any(p.requires_grad for p in trainable.parameters())
 
@@ -97,12 +93,12 @@ def test_adapter_moves_between_bare_backbone_and_task_head(tmp_path):
     bare = get_peft_model(_seeded(classifier=False), ReinConfig(token_length=6))
     randomize_adapter(bare)
     with torch.no_grad():
-        bare_features = bare(_pixels()).last_hidden_state
+        bare_features = bare(pixels(2)).last_hidden_state
     bare.save_pretrained(tmp_path / "bare")
 
     head = PeftModel.from_pretrained(_seeded(), tmp_path / "bare")
     with torch.no_grad():
-        head_features = head(_pixels(), output_hidden_states=True).hidden_states[-1]
+        head_features = head(pixels(2), output_hidden_states=True).hidden_states[-1]
     # the classifier model's last hidden state is before its final norm; compare the norm's output
     head_features = head.base_model.model.dinov2.layernorm(head_features)
     assert torch.equal(head_features, bare_features)
@@ -110,7 +106,7 @@ def test_adapter_moves_between_bare_backbone_and_task_head(tmp_path):
     head.save_pretrained(tmp_path / "head")
     bare_again = PeftModel.from_pretrained(_seeded(classifier=False), tmp_path / "head")
     with torch.no_grad():
-        assert torch.equal(bare_again(_pixels()).last_hidden_state, bare_features)
+        assert torch.equal(bare_again(pixels(2)).last_hidden_state, bare_features)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_dinov2
+from conftest import pixels, randomize_adapter, tiny_dinov2
 from peft import get_peft_model
 
 import rein_peft
@@ -16,16 +16,12 @@ from rein_peft import ReinConfig
 DROPOUT = {"hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5, "drop_path_rate": 0.5}
 
 
-def _pixels(batch: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 def test_only_adapter_and_saved_modules_train_and_every_token_gets_gradient():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".rein_" in n or "classifier.modules_to_save" in n for n in trainable)
     peft_model.train()
-    loss = peft_model(_pixels(), labels=torch.tensor([0, 1, 2, 0])).loss
+    loss = peft_model(pixels(4), labels=torch.tensor([0, 1, 2, 0])).loss
     loss.backward()
     for name, param in peft_model.named_parameters():
         if name in trainable:
@@ -40,7 +36,7 @@ def test_frozen_backbone_stays_in_eval_mode_while_training():
     peft_model = get_peft_model(
         tiny_dinov2(**DROPOUT), ReinConfig(token_length=6, modules_to_save=["classifier"], zero_mlp_delta_f=True)
     )
-    x = _pixels()
+    x = pixels(4)
     peft_model.eval()
     with torch.no_grad():
         eval_features = peft_model(x, output_hidden_states=True).hidden_states[-1]
@@ -60,7 +56,7 @@ def test_frozen_modules_can_follow_train_mode():
     peft_model = get_peft_model(
         tiny_dinov2(**DROPOUT), ReinConfig(token_length=6, frozen_modules_follow_train=True)
     ).train()
-    x = _pixels()
+    x = pixels(4)
     with torch.no_grad():
         first = peft_model(x, output_hidden_states=True).hidden_states[-1]
         second = peft_model(x, output_hidden_states=True).hidden_states[-1]
@@ -78,7 +74,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     torch.manual_seed(0)
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
     randomize_adapter(peft_model)
-    x, labels = _pixels(), torch.tensor([0, 1, 2, 0])
+    x, labels = pixels(4), torch.tensor([0, 1, 2, 0])
     peft_model.train()
     plain = _gradients(peft_model, x, labels)
 
@@ -108,7 +104,7 @@ def test_half_precision_base_keeps_a_float32_adapter(dtype):
     assert adapter_dtypes == {torch.float32}
     reference_peft = get_peft_model(reference, config)
     reference_peft.load_state_dict(peft_model.state_dict(), strict=False)
-    x = _pixels()
+    x = pixels(4)
     with torch.no_grad():
         half = peft_model(x.to(dtype)).logits
         full = reference_peft(x).logits
@@ -121,13 +117,13 @@ def test_half_precision_base_keeps_a_float32_adapter(dtype):
 def test_to_dtype_moves_the_adapter_too():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6)).to("cpu", torch.float64)
     assert {p.dtype for p in peft_model.parameters()} == {torch.float64}
-    assert peft_model(_pixels().double()).logits.dtype == torch.float64
+    assert peft_model(pixels(4).double()).logits.dtype == torch.float64
 
 
 def test_deepcopy_gets_its_own_adapter():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
     randomize_adapter(peft_model)
-    x = _pixels()
+    x = pixels(4)
     with torch.no_grad():
         before = peft_model(x).logits
         duplicate = copy.deepcopy(peft_model)
@@ -140,7 +136,7 @@ def test_deepcopy_gets_its_own_adapter():
 def test_pickle_round_trip():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4))
     randomize_adapter(peft_model)
-    x = _pixels()
+    x = pixels(4)
     with torch.no_grad():
         before = peft_model(x).logits
         restored = pickle.loads(pickle.dumps(peft_model))
@@ -151,7 +147,7 @@ def test_a_few_steps_of_adamw_lower_the_loss():
     torch.manual_seed(0)
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=8, modules_to_save=["classifier"])).train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    x, labels = _pixels(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    x, labels = pixels(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     losses = []
     for _ in range(30):
         loss = peft_model(x, labels=labels).loss
@@ -165,7 +161,7 @@ def test_a_few_steps_of_adamw_lower_the_loss():
 def test_bf16_autocast_matches_float32():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
     randomize_adapter(peft_model)
-    x, labels = _pixels(), torch.tensor([0, 1, 2, 0])
+    x, labels = pixels(4), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         full = peft_model(x).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -182,7 +178,7 @@ def test_bf16_autocast_matches_float32():
 def test_torch_compile_matches_eager():
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4))
     randomize_adapter(peft_model)
-    x = _pixels()
+    x = pixels(4)
     with torch.no_grad():
         eager = peft_model(x).logits
         compiled = torch.compile(peft_model)(x).logits
