@@ -197,6 +197,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
+        self.sequence_lengths.pop(adapter_name, None)
 
     def _check_sequence_length(self, adapter_name: str, row: int, length: int) -> None:
         """Refuse a forward whose sequence changes length between adapted layers: something was inserted into the
