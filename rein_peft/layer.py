@@ -60,7 +60,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         "rein_transform",
         "rein_merge",
     )
-    other_param_names = ("rein_settings",)
+    other_param_names = ("rein_settings", "sequence_lengths")
 
     def __init__(self, device: torch.device | None = None) -> None:
         super().__init__()
@@ -197,7 +197,6 @@ class ReinLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
-        self.sequence_lengths.pop(adapter_name, None)
 
     def _check_sequence_length(self, adapter_name: str, row: int, length: int) -> None:
         """Refuse a forward whose sequence changes length between adapted layers: something was inserted into the

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers as tf
+from peft import get_peft_model
 
-import rein_peft  # noqa: F401  (registers Rein with PEFT)
+from rein_peft import ReinConfig  # importing rein_peft registers Rein with PEFT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -150,6 +151,13 @@ def randomize_adapter(peft_model: torch.nn.Module, seed: int = 1) -> None:
             if ".rein_" in name:
                 values = torch.randn(param.shape, generator=generator)
                 param.copy_(values / param.shape[-1] ** 0.5 if param.ndim >= 2 else values * 0.5)
+
+
+def adapted_dinov2(**config_kwargs) -> torch.nn.Module:
+    """A tiny DINOv2 classifier wrapped with a Rein adapter (token_length 6 unless given) with seeded values."""
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(**{"token_length": 6, **config_kwargs}))
+    randomize_adapter(peft_model)
+    return peft_model
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import transformers as tf
-from conftest import pixels, randomize_adapter, tiny_dinov2
+from conftest import adapted_dinov2, pixels, randomize_adapter, tiny_dinov2
 from peft import get_peft_model
 from reference import ReferenceRein, official_tensors
 from torch import nn
@@ -139,8 +139,7 @@ def test_layers_with_spatial_hidden_states_are_refined():
 
 
 def test_cache_does_not_depend_on_autocast_order():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2()
     with torch.no_grad():
         fresh = peft_model(pixels(2)).logits
         peft_model.base_model.model.dinov2.encoder.rein.projection_cache.clear()
@@ -150,8 +149,7 @@ def test_cache_does_not_depend_on_autocast_order():
 
 
 def test_writes_through_data_are_picked_up_after_eval():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2()
     rein = peft_model.base_model.model.dinov2.encoder.rein
     with torch.no_grad():
         peft_model(pixels(2))

@@ -13,7 +13,13 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification, BitImageProcessorPil, ResNetConfig, ResNetModel
+from transformers import (
+    AutoModelForImageClassification,
+    BitImageProcessorPil,
+    ResNetConfig,
+    ResNetModel,
+    TrainerCallback,
+)
 
 import rein_peft  # noqa: F401  (registers Rein with PEFT)
 
@@ -40,16 +46,32 @@ def test_embedded_default_shows_the_adapter_doing_work(tmp_path):
     assert results["adapter_mb"] < 0.2
 
 
+class CountSteps(TrainerCallback):
+    def __init__(self) -> None:
+        self.first_step, self.steps = None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
 def test_checkpoints_are_adapter_only_and_resumable(tmp_path):
-    main([*QUICK, "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "3"])
+    flags = [*QUICK, "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "3"]
+    main(flags)
     checkpoint = tmp_path / "checkpoint-3"
     files = {path.name for path in checkpoint.iterdir()}
     assert "adapter_model.safetensors" in files and "optimizer.pt" in files
     assert not any(name.startswith("model") for name in files)  # no copy of the frozen backbone
-    results = main(
-        [*QUICK, "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "3"]
-        + ["--resume_from_checkpoint", str(checkpoint)]
-    )
+    uninterrupted = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+
+    counter = CountSteps()
+    results = main([*flags, "--resume_from_checkpoint", str(checkpoint)], callbacks=[counter])
+    assert (counter.first_step, counter.steps) == (3, 3)  # picked up at step 3, ran only the remaining 3
+    resumed = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for key, tensor in uninterrupted.items():  # the same adapter as the run that was never interrupted
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
     assert results["accuracy_reloaded"] == results["accuracy_after"]
 
 

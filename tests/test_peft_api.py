@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from conftest import FAMILIES, build, pixels, randomize_adapter, tiny_dinov2
+from conftest import FAMILIES, adapted_dinov2, build, pixels, randomize_adapter, tiny_dinov2
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from reference import ReferenceRein, official_tensors
@@ -138,8 +138,7 @@ def test_deleting_the_last_adapter_removes_the_hooks():
 
 
 def test_merging_is_refused_clearly_and_loses_nothing():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2()
     x = pixels(2)
     with torch.no_grad():
         before = peft_model(x).logits

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import pixels, randomize_adapter, tiny_dinov2
+from conftest import adapted_dinov2, pixels, tiny_dinov2
 from peft import get_peft_model
 
 import rein_peft
@@ -72,8 +72,7 @@ def _gradients(peft_model, x, labels):
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     torch.manual_seed(0)
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2(modules_to_save=["classifier"])
     x, labels = pixels(4), torch.tensor([0, 1, 2, 0])
     peft_model.train()
     plain = _gradients(peft_model, x, labels)
@@ -121,8 +120,7 @@ def test_to_dtype_moves_the_adapter_too():
 
 
 def test_deepcopy_gets_its_own_adapter():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2()
     x = pixels(4)
     with torch.no_grad():
         before = peft_model(x).logits
@@ -134,8 +132,7 @@ def test_deepcopy_gets_its_own_adapter():
 
 
 def test_pickle_round_trip():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2(lora_dim=4)
     x = pixels(4)
     with torch.no_grad():
         before = peft_model(x).logits
@@ -159,8 +156,7 @@ def test_a_few_steps_of_adamw_lower_the_loss():
 
 
 def test_bf16_autocast_matches_float32():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2(modules_to_save=["classifier"])
     x, labels = pixels(4), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         full = peft_model(x).logits
@@ -176,8 +172,7 @@ def test_bf16_autocast_matches_float32():
 
 
 def test_torch_compile_matches_eager():
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, lora_dim=4))
-    randomize_adapter(peft_model)
+    peft_model = adapted_dinov2(lora_dim=4)
     x = pixels(4)
     with torch.no_grad():
         eager = peft_model(x).logits
