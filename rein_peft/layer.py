@@ -13,6 +13,9 @@ from torch import nn
 
 from .config import ReinConfig
 
+# in a mixed-adapter batch, the name that runs a sample through the base model alone (PEFT's convention)
+BASE_ADAPTER_NAME = "__base__"
+
 
 @dataclass(frozen=True)
 class ReinSettings:
@@ -79,6 +82,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         self.sequence_lengths: dict[str, int] = {}
         # eval-mode cache: (adapter, row) -> (weights' state, the weights, (keys, values))
         self.projection_cache: dict[tuple[str, int], tuple] = {}
+        # mixed-adapter batch of the current forward: (batch size, adapter -> its samples' positions), or None
+        self.sample_groups: tuple[int, dict[str, torch.Tensor]] | None = None
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -169,17 +174,18 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         """`scale * delta_f.weight^T` (`[C, C]`, shared by all layers); `fold_residual` adds the identity, so that
         `x @ weight = x + scale * x @ W^T`."""
         weight = self.rein_delta_f[adapter_name].weight.T * self._scale(adapter_name)
-        if fold_residual:
-            weight.diagonal().add_(1.0)
+        if fold_residual:  # an out-of-place add, so that ONNX export can trace it
+            weight = weight + torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
         return weight
 
     def _cached(self, key: tuple, compute: Callable[..., Any], adapter_name: str, *args: Any) -> Any:
         """`compute(adapter_name, *args)` in the adapter's own precision (autocast off: the GEMMs that use the
         result cast it), cached under `key` while no gradient is recorded, until a weight is replaced or changed in
         place (tracked by identity, address and version counter; writes through `.data` bypass the version counter:
-        call `train()` or `eval()` after them, which empty the cache)."""
+        call `train()` or `eval()` after them, which empty the cache). Traced code (`torch.compile`, `torch.export`)
+        computes them in the graph: a cache there would freeze the weights into the program."""
         with torch.autocast(self.device_anchor.device.type, enabled=False):
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return compute(adapter_name, *args)
             weights = self._weights(adapter_name)
             state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
@@ -261,16 +267,51 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             refined = hidden_states + update.to(hidden_states.dtype)
         return refined if settings.batch_first else refined.transpose(0, 1)
 
+    def set_sample_adapters(self, adapter_names: list[str] | None) -> None:
+        """Refine sample i of the following forwards with adapter `adapter_names[i]` (`"__base__"`: none), whatever
+        the active adapters are; `None` ends this."""
+        if adapter_names is None:
+            self.sample_groups = None
+            return
+        groups = {}
+        for adapter_name in dict.fromkeys(adapter_names):
+            if adapter_name != BASE_ADAPTER_NAME:
+                positions = [index for index, name in enumerate(adapter_names) if name == adapter_name]
+                groups[adapter_name] = torch.tensor(positions, device=self.device_anchor.device)
+        self.sample_groups = (len(adapter_names), groups)
+
+    def _refine_mixed_batch(self, hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
+        """Refine each sample with its own adapter: gather its group's samples, refine them, scatter them back."""
+        batch_size, groups = self.sample_groups
+        batch_dim = 0 if next(iter(self.rein_settings.values())).batch_first else 1  # one layout per model
+        if hidden_states.shape[batch_dim] != batch_size:
+            raise ValueError(
+                f"`adapter_names` has {batch_size} entries, but the batch has {hidden_states.shape[batch_dim]} "
+                "samples: give one adapter name (or '__base__') per sample."
+            )
+        refined = hidden_states.clone()  # the samples of "__base__" keep their features
+        for adapter_name, positions in groups.items():
+            settings = self.rein_settings[adapter_name]
+            if layer_name not in settings.layer_rows:
+                continue
+            samples = hidden_states.index_select(batch_dim, positions)
+            samples = self.refine(samples, adapter_name, settings.layer_rows[layer_name])
+            refined.index_copy_(batch_dim, positions, samples)
+        return refined
+
     def refine_layer_output(self, layer_name: str, output: Any) -> Any:
-        """Refine a layer's output with every active adapter that targets this layer, in order."""
+        """Refine a layer's output with every active adapter that targets this layer, in order (or, in a
+        mixed-adapter batch, each sample with its own adapter)."""
         if self.disable_adapters:
             return output
         hidden_states = output[0] if isinstance(output, tuple) else output
-        for adapter_name in self.active_adapters:
-            settings = self.rein_settings.get(adapter_name)
-            if settings is None or layer_name not in settings.layer_rows:
-                continue
-            hidden_states = self.refine(hidden_states, adapter_name, settings.layer_rows[layer_name])
+        if self.sample_groups is not None:
+            hidden_states = self._refine_mixed_batch(hidden_states, layer_name)
+        else:
+            for adapter_name in self.active_adapters:
+                settings = self.rein_settings.get(adapter_name)
+                if settings is not None and layer_name in settings.layer_rows:
+                    hidden_states = self.refine(hidden_states, adapter_name, settings.layer_rows[layer_name])
         return (hidden_states, *output[1:]) if isinstance(output, tuple) else hidden_states
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
 import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
@@ -13,7 +18,7 @@ from torch import nn
 
 from .config import ReinConfig
 from .discovery import ReinTargets, discover
-from .layer import ReinHook, ReinLayer, ReinSettings
+from .layer import BASE_ADAPTER_NAME, ReinHook, ReinLayer, ReinSettings
 
 # attribute under which the ReinLayer hangs on the module that holds the encoder layers; it must not start with
 # the method prefix "rein_", which marks the adapter's own tensors
@@ -35,6 +40,11 @@ def _tensor_stem(key: str) -> str | None:
         if part.startswith(ReinModel.prefix):
             return ".".join(parts[index:])
     return None
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
+    """Forward pre-hook that hands a mixed batch's `adapter_names` to a `modules_to_save` wrapper."""
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 def find_rein_layers(model: nn.Module) -> list[ReinLayer]:
@@ -151,6 +161,46 @@ class ReinModel(BaseTuner):
             if isinstance(module, (ReinLayer, AuxiliaryTrainingWrapper)):
                 module.train(True)
         return self
+
+    # --- mixed-adapter batches ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Called by `PeftModel.forward` around each forward. With `adapter_names=[...]`, one adapter name per sample
+        (`"__base__"` for the base model alone), each sample is refined by its own adapter and goes through its own
+        adapter's copy of the `modules_to_save`, as with LoRA. Inference only."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("`adapter_names` (a mixed-adapter batch) is for inference: call `model.eval()` first.")
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of adapter names, one per sample, got {adapter_names!r}.")
+        rein_layers = find_rein_layers(self.model)
+        known = {name for layer in rein_layers for name in layer.rein_settings}
+        unknown = sorted(set(adapter_names) - known - {BASE_ADAPTER_NAME})
+        if unknown:
+            raise ValueError(
+                f"`adapter_names` names adapters this model does not have: {unknown}. It has {sorted(known)}, and "
+                f"'{BASE_ADAPTER_NAME}' runs a sample without any adapter."
+            )
+        handles = [
+            module.register_forward_pre_hook(
+                partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True
+            )
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
+        for rein_layer in rein_layers:
+            rein_layer.set_sample_adapters(list(adapter_names))
+        try:
+            yield
+        finally:
+            for rein_layer in rein_layers:
+                rein_layer.set_sample_adapters(None)
+            for handle in handles:
+                handle.remove()
 
     # --- merging, unloading, deleting ------------------------------------------------------------------------------
 
