@@ -163,3 +163,13 @@ def adapted_dinov2(**config_kwargs) -> torch.nn.Module:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> Family:
     return FAMILIES[request.param]
+
+
+def tiny_upernet() -> torch.nn.Module:
+    """A tiny UperNet segmentation model over a DINOv2 backbone (features of both layers, as feature maps)."""
+    backbone = tf.Dinov2Config(**SIZES, out_features=["stage1", "stage2"], reshape_hidden_states=True)
+    config = tf.UperNetConfig(
+        backbone_config=backbone, num_labels=LABELS, hidden_size=16, pool_scales=[1, 2], use_auxiliary_head=False
+    )
+    torch.manual_seed(0)
+    return tf.UperNetForSemanticSegmentation(config).eval()

@@ -154,6 +154,10 @@ def pushed(hub: str, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
     home = tmp_path_factory.mktemp("pusher")
     script = """
         tiny_base().push_to_hub(BASE_REPO)
+        from transformers import BitImageProcessor  # for pipelines, which load the processor from the base repo
+
+        processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor.push_to_hub(BASE_REPO)
         model = get_peft_model(hub_base(), rein_peft.ReinConfig(token_length=6, modules_to_save=["classifier"]))
         randomize(model, seed=1)
         model.push_to_hub(ADAPTER_REPO)
@@ -245,6 +249,51 @@ def test_revision_pins_an_earlier_push(pushed: Pushed, hub: str, tmp_path: Path)
     assert not torch.equal(first["logits"], second["logits"])
     assert_same_adapter(loaded["pinned"], first)
     assert_same_adapter(loaded["latest"], second)
+
+
+def test_transformers_api_pipeline_and_auto_peft_model_load_from_the_hub(pushed: Pushed, hub: str, tmp_path: Path):
+    """transformers' `load_adapter`, the auto class, the pipeline and `AutoPeftModel`, each given the adapter's repo
+    id, reproduce `PeftModel.from_pretrained`."""
+    script = """
+        import numpy as np
+        from peft import AutoPeftModel
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+        def logits(model, pixels=PIXELS):
+            with torch.no_grad():
+                return model(pixel_values=pixels).logits
+
+        def error(a, b):
+            return (a - b).abs().max().item()
+
+        reference = PeftModel.from_pretrained(hub_base(), ADAPTER_REPO)
+        loaded = hub_base()
+        loaded.load_adapter(ADAPTER_REPO, adapter_name="from_hub")
+        auto = AutoModelForImageClassification.from_pretrained(ADAPTER_REPO).eval()
+        auto_peft = AutoPeftModel.from_pretrained(ADAPTER_REPO).eval()
+
+        images = [Image.fromarray(np.full((40, 40, 3), 40 * index, dtype=np.uint8)) for index in range(3)]
+        processed = AutoImageProcessor.from_pretrained(BASE_REPO)(images=images, return_tensors="pt")["pixel_values"]
+        probabilities = logits(reference, processed).softmax(-1)
+        predicted = pipeline("image-classification", model=ADAPTER_REPO, top_k=3)(images)
+        pipeline_error = max(
+            abs(prediction["score"] - probabilities[image, reference.config.label2id[prediction["label"]]].item())
+            for image, predictions in enumerate(predicted)
+            for prediction in predictions
+        )
+        report(
+            load_adapter=error(logits(loaded), logits(reference)),
+            auto_model=error(logits(auto), logits(reference)),
+            auto_peft_model=error(logits(auto_peft), logits(reference)),
+            pipeline=pipeline_error,
+            pipeline_top=[predictions[0]["label"] for predictions in predicted],
+            reference_top=[reference.config.id2label[index] for index in probabilities.argmax(-1).tolist()],
+        )
+    """
+    result = run_client(hub, tmp_path, script)
+    assert result.pop("pipeline_top") == result.pop("reference_top")
+    assert all(error <= 1e-6 for error in result.values()), result
 
 
 def test_missing_repo_revision_or_weights_give_clear_errors(hub: str, tmp_path: Path):
