@@ -40,3 +40,14 @@ def test_benchmark_runs_and_writes_json_and_png(tmp_path):
     assert methods["rein"]["trainable_params"] < methods["full"]["trainable_params"]
     assert methods["rein"]["train_memory_mb"] < methods["full"]["train_memory_mb"]
     assert len(results["sweep"]) == 3 and (tmp_path / "overhead_cpu_float32.png").stat().st_size > 0
+
+
+def test_mixed_batch_benchmark_runs_and_writes_json(tmp_path):
+    command = [sys.executable, str(BENCHMARKS / "mixed_batches.py"), "--config", "S@32x8", "--repeats", "1"]
+    command += ["--warmup", "0", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "a batch mixing 4 Rein adapters costs" in result.stdout
+    results = json.loads((tmp_path / "mixed_batches_cpu_float32.json").read_text())
+    assert results["num_adapters"] == 4 and set(results["seconds"]) == {"bare", "one", "mixed"}
+    assert results["mixed_over_one"] > 0

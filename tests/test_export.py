@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 import torch
 from conftest import FAMILIES, build, pixels, randomize_adapter, tiny_dinov2, tiny_upernet
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from rein_peft import ReinConfig
 from rein_peft.export import export_onnx, export_program
@@ -57,6 +57,20 @@ def _eager(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=inputs).logits
 
 
+def _tolerance(model: torch.nn.Module, inputs: torch.Tensor) -> float:
+    """1e-4, and at most a thousandth of what the adapter changes in the outputs (the tiny UperNet's logits are
+    ~1e-2): an export that lost the adapter cannot pass."""
+    adapted = _eager(model, inputs)
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            bare = _eager(model, inputs)
+    else:
+        model.disable_adapters()
+        bare = _eager(model, inputs)
+        model.enable_adapters()
+    return min(TOLERANCE, 1e-3 * (adapted - bare).abs().max().item())
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_torch_export_with_a_dynamic_batch_equals_eager(name):
     model = _adapted(name)
@@ -65,7 +79,7 @@ def test_torch_export_with_a_dynamic_batch_equals_eager(name):
         inputs = pixels(batch, seed=batch)
         with torch.no_grad():
             exported = program.module()(pixel_values=inputs).logits
-        assert (exported - _eager(model, inputs)).abs().max().item() <= TOLERANCE
+        assert (exported - _eager(model, inputs)).abs().max().item() <= _tolerance(model, inputs)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -79,7 +93,7 @@ def test_onnx_export_runs_in_onnxruntime_with_a_dynamic_batch(name, tmp_path):
     for batch in (1, 5):
         inputs = pixels(batch, seed=batch)
         (logits,) = session.run(["logits"], {"pixel_values": inputs.numpy()})
-        assert np.abs(logits - _eager(model, inputs).numpy()).max() <= TOLERANCE
+        assert np.abs(logits - _eager(model, inputs).numpy()).max() <= _tolerance(model, inputs)
 
 
 def test_export_after_unload_is_the_bare_model():
