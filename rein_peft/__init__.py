@@ -12,6 +12,7 @@ from .discovery import ReinUnsupportedModelError
 from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
+from .segmentation import check_label_maps, segmentation_ignore_index
 from .training import create_rein_optimizer, rein_parameter_groups
 
 __version__ = "0.1.0"
@@ -35,9 +36,11 @@ __all__ = [
     "ReinPeftType",
     "ReinStateDictError",
     "ReinUnsupportedModelError",
+    "check_label_maps",
     "convert_official_checkpoint",
     "create_rein_optimizer",
     "get_queries",
     "register",
     "rein_parameter_groups",
+    "segmentation_ignore_index",
 ]

@@ -38,8 +38,14 @@ class ReinConfig(PeftConfig):
         zero_mlp_delta_f: Start `delta_f` at zero and use the constant scale 1.0, so the adapter starts as an
             identity.
         link_token_to_query: Also build the linking layers (`transform`, `merge`) that turn the tokens into `[M, Q]`
-            object queries for a mask decoder; read them with `ReinModel.get_queries()`.
-        query_dims: Q, the width of the linked queries.
+            object queries for a mask decoder, as the official Rein head does. In a model with such a decoder
+            (Mask2Former, EoMT) they replace its learnable queries (Mask2Former: content queries = a linear map of
+            them, positional queries = them); `token_length` must then equal its number of queries. Elsewhere read them
+            with `ReinModel.get_queries()`.
+        query_dims: Q, the width of the linked queries (the decoder's query width when they replace its queries).
+        refine_query_tokens: Tokens that the model inserts in front of the sequence between encoder layers (EoMT's
+            queries, before its last blocks) are, like prefix tokens, not patch features: by default they pass through
+            untouched. `True` refines them as well.
         num_prefix_tokens: Tokens at the start of the sequence that are passed through untouched (CLS, registers,
             distillation token). `None`: derived from the model's embeddings.
         batch_first: Layout of the layers' hidden states. `None`: derived from the layers (`batch_first` attributes
@@ -65,6 +71,9 @@ class ReinConfig(PeftConfig):
     zero_mlp_delta_f: bool = field(default=False, metadata={"help": "Zero-init delta_f and use scale 1.0."})
     link_token_to_query: bool = field(default=False, metadata={"help": "Build the token-to-query linking layers."})
     query_dims: int = field(default=256, metadata={"help": "Width Q of the linked queries."})
+    refine_query_tokens: bool = field(
+        default=False, metadata={"help": "Also refine tokens the model inserts inside its encoder (EoMT's queries)."}
+    )
     num_prefix_tokens: int | None = field(default=None, metadata={"help": "Prefix tokens; None: auto."})
     batch_first: bool | None = field(default=None, metadata={"help": "Hidden-state layout; None: auto."})
     patch_size: int | None = field(default=None, metadata={"help": "Patch size for token init; None: auto."})

@@ -15,7 +15,9 @@ Nothing here is a list of known paths. The rules, in order:
   which go at the end) is an error that asks for `num_prefix_tokens`; `mask_token` replaces patches and is ignored;
 - layout: batch-first unless the layer holds a torch `nn.MultiheadAttention` built with `batch_first=False`;
 - patch size: the patchifying convolution's kernel, else `patch_size` in the model's config (or its vision/backbone
-  sub-config).
+  sub-config);
+- a mask decoder's learnable query tables, for query linking: the `nn.Embedding`s named as transformers names them
+  (Mask2Former's `queries_features` and `queries_embedder`, EoMT's `query`).
 
 `ReinConfig.target_modules`, `num_prefix_tokens`, `batch_first` and `patch_size` override each rule.
 """
@@ -28,6 +30,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from .config import ReinConfig
+from .layer import QUERY_CONTENT, QUERY_POSITION, ReinLinkedQueries
 
 PATCH_EMBEDDING_NAMES = ("patch_embedding", "patch_embeddings")
 PREFIX_TOKEN_NAMES = (
@@ -43,6 +46,7 @@ NOT_PREFIX_TOKEN_NAMES = ("mask_token",)
 LAYER_LIST_TYPES = (nn.ModuleList, nn.Sequential)
 SUB_CONFIG_NAMES = ("vision_config", "backbone_config")
 CONTAINER_TYPES = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+QUERY_TABLE_ROLES = {"queries_features": QUERY_CONTENT, "queries_embedder": QUERY_POSITION, "query": QUERY_CONTENT}
 
 
 class ReinUnsupportedModelError(ValueError):
@@ -59,6 +63,8 @@ class ReinTargets:
     num_prefix_tokens: int
     batch_first: bool
     patch_size: int
+    patch_embedding_name: str | None
+    query_tables: dict[str, str]  # name of each of a mask decoder's query tables -> its role, with query linking
 
 
 def _how_to_configure(model: nn.Module) -> str:
@@ -174,6 +180,33 @@ def _batch_first(model: nn.Module, layer_name: str) -> bool:
     return True
 
 
+def find_query_tables(model: nn.Module, config: ReinConfig) -> dict[str, str]:
+    """A mask decoder's learnable query tables (name -> role) that Rein's linked queries replace. Checks that they
+    have `token_length` rows of width `query_dims`."""
+    tables = {}
+    for name, module in model.named_modules():
+        role = QUERY_TABLE_ROLES.get(name.rpartition(".")[2])
+        table = module.base_layer if isinstance(module, ReinLinkedQueries) else module
+        if role is None or not isinstance(table, nn.Embedding):
+            continue
+        if table.num_embeddings != config.token_length:
+            raise ValueError(
+                f"With link_token_to_query=True Rein's tokens become the decoder's queries, but '{name}' of "
+                f"{type(model).__name__} has {table.num_embeddings} queries and token_length is "
+                f"{config.token_length}. "
+                f"Set `ReinConfig(token_length={table.num_embeddings})` (or build the decoder with "
+                f"num_queries={config.token_length})."
+            )
+        if table.embedding_dim != config.query_dims:
+            raise ValueError(
+                f"With link_token_to_query=True Rein's linked queries replace '{name}' of {type(model).__name__}, "
+                f"which is {table.embedding_dim} wide, but query_dims is {config.query_dims}. Set "
+                f"`ReinConfig(query_dims={table.embedding_dim})`."
+            )
+        tables[name] = role
+    return tables
+
+
 def _auto_layer_names(model: nn.Module, config: ReinConfig, patch_embedding: str | None) -> list[str]:
     layer_list = find_layer_list(model, patch_embedding) if patch_embedding is not None else None
     if layer_list is None:
@@ -229,4 +262,6 @@ def discover(model: nn.Module, config: ReinConfig) -> ReinTargets:
         num_prefix_tokens=num_prefix_tokens,
         batch_first=batch_first,
         patch_size=patch_size,
+        patch_embedding_name=patch_embedding,
+        query_tables=find_query_tables(model, config) if config.link_token_to_query else {},
     )

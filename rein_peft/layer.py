@@ -16,6 +16,12 @@ from .config import ReinConfig
 # in a mixed-adapter batch, the name that runs a sample through the base model alone (PEFT's convention)
 BASE_ADAPTER_NAME = "__base__"
 
+# what a mask decoder's learnable query table holds (REIN.md, query linking): positional queries, which become Rein's
+# linked queries, or content queries, which become `rein_query_feat(linked queries)` where the decoder has positional
+# ones too (Mask2Former) and the linked queries themselves where it has one table only (EoMT)
+QUERY_CONTENT = "content"
+QUERY_POSITION = "position"
+
 
 @dataclass(frozen=True)
 class ReinSettings:
@@ -26,6 +32,7 @@ class ReinSettings:
         num_prefix_tokens: Tokens at the start of the sequence that pass through untouched.
         batch_first: `True` for `[B, S, C]` hidden states, `False` for `[S, B, C]`.
         use_softmax: See `ReinConfig.use_softmax`.
+        refine_query_tokens: See `ReinConfig.refine_query_tokens`.
         layer_rows: Name of each targeted layer -> its row in the `[L, ...]` token tables.
     """
 
@@ -33,6 +40,7 @@ class ReinSettings:
     num_prefix_tokens: int
     batch_first: bool
     use_softmax: bool
+    refine_query_tokens: bool
     layer_rows: dict[str, int]
 
     @property
@@ -49,6 +57,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
     - `rein_token2feat[name]`, `rein_delta_f[name]`: `Linear(C, C)` shared by all layers
     - `rein_scale[name]`: `[1]` (absent with `zero_mlp_delta_f`, where the scale is the constant 1.0)
     - `rein_transform[name]`: `Linear(C, Q)`, `rein_merge[name]`: `Linear(3Q, Q)` with query linking
+    - `rein_query_feat[name]`: `Linear(Q, Q)`, the content queries, when linking into a decoder that has both content
+      and positional queries (Mask2Former)
 
     The encoder layers are not wrapped: each carries a `ReinHook` forward hook that calls `refine` with its name.
     """
@@ -62,6 +72,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         "rein_delta_f",
         "rein_transform",
         "rein_merge",
+        "rein_query_feat",
     )
     other_param_names = ("rein_settings", "sequence_lengths")
 
@@ -77,6 +88,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         self.rein_delta_f = nn.ModuleDict()
         self.rein_transform = nn.ModuleDict()
         self.rein_merge = nn.ModuleDict()
+        self.rein_query_feat = nn.ModuleDict()
         self.rein_settings: dict[str, ReinSettings] = {}
         # adapter -> sequence length seen at its first adapted layer in the current forward
         self.sequence_lengths: dict[str, int] = {}
@@ -95,8 +107,10 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         settings: ReinSettings,
         patch_size: int,
         device: torch.device | None = None,
+        content_queries: bool = False,
     ) -> None:
-        """Create and initialise the tensors of a new adapter, as the official Rein code does (see REIN.md)."""
+        """Create and initialise the tensors of a new adapter, as the official Rein code does (see REIN.md);
+        `content_queries` adds the map from linked queries to a decoder's content queries."""
         num_layers, hidden_size, token_length = settings.num_layers, settings.hidden_size, config.token_length
         factory = {"device": device}
         if config.lora_dim is None:
@@ -122,6 +136,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         if config.link_token_to_query:
             self.rein_transform[adapter_name] = nn.Linear(hidden_size, config.query_dims, **factory)
             self.rein_merge[adapter_name] = nn.Linear(3 * config.query_dims, config.query_dims, **factory)
+            if content_queries:
+                self.rein_query_feat[adapter_name] = nn.Linear(config.query_dims, config.query_dims, **factory)
         self.rein_settings[adapter_name] = settings
 
     def get_tokens(self, adapter_name: str, row: int | None = None) -> torch.Tensor:
@@ -144,6 +160,30 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         projected = projected.permute(1, 2, 0)  # [M, Q, L]
         pooled = torch.stack([projected.amax(-1), projected.mean(-1), projected[..., -1]], dim=-1)  # [M, Q, 3]
         return self.rein_merge[adapter_name](pooled.flatten(-2))  # [M, 3Q] -> [M, Q]
+
+    def linked_queries(self) -> dict[str, torch.Tensor] | None:
+        """What the decoder's query tables hold in this forward: role (see `QUERY_TABLE_ROLES`) -> `[M, Q]`, from the
+        active adapter that links its tokens to queries; `None` (the decoder's own tables) when none does."""
+        if self.disable_adapters:
+            return None
+        in_use = self.active_adapters if self.sample_groups is None else list(self.sample_groups[1])
+        linking = [name for name in in_use if name in self.rein_transform]
+        if not linking:
+            return None
+        if self.sample_groups is not None:
+            raise ValueError(
+                f"Adapters {linking} link their tokens to the decoder's queries, which are shared by the whole batch: "
+                "they cannot take part in a mixed-adapter batch. Run their samples as batches of their own."
+            )
+        if len(linking) > 1:
+            raise ValueError(
+                f"Active adapters {linking} all link their tokens to the decoder's queries, which can hold only one "
+                "adapter's queries: activate one of them."
+            )
+        adapter_name = linking[0]
+        queries = self.get_queries(adapter_name)  # [M, Q]
+        content = self.rein_query_feat[adapter_name](queries) if adapter_name in self.rein_query_feat else queries
+        return {QUERY_CONTENT: content, QUERY_POSITION: queries}
 
     def _weights(self, adapter_name: str) -> list[torch.Tensor]:
         """Every tensor the input-independent projections of an adapter depend on."""
@@ -204,33 +244,39 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
 
-    def _check_sequence_length(self, adapter_name: str, row: int, length: int) -> None:
-        """Refuse a forward whose sequence changes length between adapted layers: something was inserted into the
-        sequence inside the encoder (EoMT puts its queries in front before its last blocks), so the prefix count
-        no longer holds."""
+    def _untouched_rows(self, adapter_name: str, row: int, length: int) -> slice:
+        """The rows of the sequence that pass through unrefined: the prefix tokens, and tokens that the model inserted
+        in front of the sequence between the adapted layers (EoMT puts its queries there before its last blocks),
+        which are refined only with `refine_query_tokens`. The sequence's length at the first adapted layer of this
+        forward tells how many were inserted."""
         if row == 0:
             self.sequence_lengths[adapter_name] = length
-        elif self.sequence_lengths.get(adapter_name, length) != length:
-            first = self.sequence_lengths[adapter_name]
+        first = self.sequence_lengths.get(adapter_name, length)
+        if length < first:
             raise ValueError(
-                f"The sequence changed from {first} to {length} tokens between the layers Rein adapts (at adapted "
-                f"layer {row}): the model inserts tokens inside its encoder, so Rein cannot tell patch tokens from "
-                "the rest there. Set `ReinConfig(layers_to_transform=...)` to the layers before the insertion."
+                f"The sequence shrank from {first} to {length} tokens between the layers Rein adapts (at adapted "
+                f"layer {row}): the model drops tokens inside its encoder, so Rein cannot tell patch tokens from the "
+                "rest there. Set `ReinConfig(layers_to_transform=...)` to the layers before that."
             )
+        settings = self.rein_settings[adapter_name]
+        num_inserted = length - first
+        start = num_inserted if settings.refine_query_tokens else 0
+        return slice(start, num_inserted + settings.num_prefix_tokens)
 
     def refine(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
         """Apply one adapter's refinement of layer `row` to that layer's output hidden states.
 
         The same numbers as REIN.md's `F + scale * delta_f(softmax(F T^T / sqrt(C))[:, 1:] @ token2feat(T[1:]) + F)`,
         rearranged into two small GEMMs (`[B*S, C] @ [C, M]`, `[B*S, M] @ [M, C]`) and one `C x C` GEMM over the
-        whole sequence. Nothing splits, permutes or concatenates the hidden states: the prefix rows of the result
-        are put back instead. Works on `[B, S, C]` and on spatial `[B, H, W, C]` hidden states (no prefix tokens).
+        whole sequence. Nothing splits, permutes or concatenates the hidden states: the untouched rows of the result
+        (prefix tokens, see `_untouched_rows`) are put back instead. Works on `[B, S, C]` and on spatial
+        `[B, H, W, C]` hidden states (no prefix tokens).
         """
         settings = self.rein_settings[adapter_name]
         if not settings.batch_first:
             hidden_states = hidden_states.transpose(0, 1)
         hidden, num_prefix = hidden_states.shape[-1], settings.num_prefix_tokens
-        self._check_sequence_length(adapter_name, row, hidden_states.shape[1])
+        untouched = self._untouched_rows(adapter_name, row, hidden_states.shape[1])
         if hidden != settings.hidden_size:
             raise ValueError(
                 f"Rein adapter '{adapter_name}' was built for hidden size {settings.hidden_size}, but the layer "
@@ -260,10 +306,10 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             update = update + self.rein_delta_f[adapter_name].bias * self._scale(adapter_name)
         update = update.view(hidden_states.shape)
         if fold_residual:
-            update[:, :num_prefix] = hidden_states[:, :num_prefix]  # prefix tokens pass through untouched
+            update[:, untouched] = hidden_states[:, untouched]  # prefix (and inserted) tokens pass through untouched
             refined = update
         else:
-            update[:, :num_prefix] = 0
+            update[:, untouched] = 0
             refined = hidden_states + update.to(hidden_states.dtype)
         return refined if settings.batch_first else refined.transpose(0, 1)
 
@@ -341,3 +387,63 @@ class ReinHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         return self.rein_layer.refine_layer_output(self.layer_name, output)
+
+
+class ReinLinkedQueries(nn.Module):
+    """Stands in for a mask decoder's learnable query table (an `nn.Embedding` whose `weight` the decoder reads).
+
+    While the model runs a forward with an adapter made with `link_token_to_query=True`, `weight` is that adapter's
+    linked `[M, Q]` queries (put here by `ReinQueryHook`); otherwise it is the original table's. `unload()` puts the
+    original table (`base_layer`) back.
+    """
+
+    def __init__(self, base_layer: nn.Embedding, role: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.role = role
+        self.linked_weight: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight if self.linked_weight is None else self.linked_weight
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(indices, self.weight)
+
+
+class ReinQueryHook:
+    """Forward pre-hook (`link=True`) and forward hook (`link=False`, always called) on the model: before each forward
+    they put the active adapter's linked queries into every `ReinLinkedQueries` of the model, copies made for
+    `modules_to_save` included, and after it they take them out again.
+
+    The hooks sit on the model rather than on the decoder, so that no module that PEFT copies holds a reference to the
+    `ReinLayer` (a copy would copy the adapter with it).
+    """
+
+    def __init__(self, rein_layer: ReinLayer, link: bool) -> None:
+        self.rein_layer = rein_layer
+        self.link = link
+
+    def __call__(self, model: nn.Module, args: tuple, *output: Any) -> None:
+        queries = self.rein_layer.linked_queries() if self.link else None
+        for module in model.modules():
+            if isinstance(module, ReinLinkedQueries):
+                module.linked_weight = None if queries is None else queries[module.role]
+
+
+class ReinImageSizeCheck:
+    """Forward pre-hook on the patch embedding: refuse images smaller than one patch with a clear error."""
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        pixel_values = args[0] if args else None
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4:
+            height, width = pixel_values.shape[-2:]
+            if min(height, width) < self.patch_size:
+                raise ValueError(
+                    f"The images are {height}x{width} pixels, smaller than one {self.patch_size}x{self.patch_size} "
+                    "patch, so the model sees no patch to refine. Resize them with the model's image processor "
+                    "(`AutoImageProcessor.from_pretrained(...)`), which brings them to the size the model expects."
+                )

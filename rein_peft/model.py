@@ -18,7 +18,16 @@ from torch import nn
 
 from .config import ReinConfig
 from .discovery import ReinTargets, discover
-from .layer import BASE_ADAPTER_NAME, ReinHook, ReinLayer, ReinSettings
+from .layer import (
+    BASE_ADAPTER_NAME,
+    QUERY_POSITION,
+    ReinHook,
+    ReinImageSizeCheck,
+    ReinLayer,
+    ReinLinkedQueries,
+    ReinQueryHook,
+    ReinSettings,
+)
 
 # attribute under which the ReinLayer hangs on the module that holds the encoder layers; it must not start with
 # the method prefix "rein_", which marks the adapter's own tensors
@@ -63,14 +72,28 @@ def get_queries(model: nn.Module, adapter_name: str = "default") -> torch.Tensor
     raise ValueError(f"No Rein adapter named '{adapter_name}' in {type(model).__name__}.")
 
 
+REIN_HOOK_TYPES = (ReinHook, ReinQueryHook, ReinImageSizeCheck)
+
+
+def _has_hook(module: nn.Module, hook_type: type) -> bool:
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(isinstance(hook, hook_type) for hook in hooks)
+
+
 def remove_rein(model: nn.Module) -> None:
-    """Detach every Rein hook and `ReinLayer` from `model`, leaving the base model as it was."""
+    """Detach every Rein hook, linked query table and `ReinLayer` from `model`, leaving the base model as it was."""
     for module in model.modules():
-        for hook_id, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, ReinHook):
-                del module._forward_hooks[hook_id]
-                module._forward_hooks_with_kwargs.pop(hook_id, None)
-                module._forward_hooks_always_called.pop(hook_id, None)
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for hook_id, hook in list(hooks.items()):
+                if isinstance(hook, REIN_HOOK_TYPES):
+                    del hooks[hook_id]
+                    module._forward_hooks_with_kwargs.pop(hook_id, None)
+                    module._forward_hooks_always_called.pop(hook_id, None)
+                    module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ReinLinkedQueries):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, module.base_layer)
     for module in list(model.modules()):
         if isinstance(getattr(module, REIN_LAYER_ATTRIBUTE, None), ReinLayer):
             delattr(module, REIN_LAYER_ATTRIBUTE)
@@ -135,14 +158,38 @@ class ReinModel(BaseTuner):
                 num_prefix_tokens=targets.num_prefix_tokens,
                 batch_first=targets.batch_first,
                 use_softmax=peft_config.use_softmax,
+                refine_query_tokens=peft_config.refine_query_tokens,
                 layer_rows={name: row for row, name in enumerate(targets.layer_names)},
             )
             rein_layer.update_layer(
-                adapter_name, peft_config, settings, targets.patch_size, device=rein_layer.device_anchor.device
+                adapter_name,
+                peft_config,
+                settings,
+                targets.patch_size,
+                device=rein_layer.device_anchor.device,
+                content_queries=QUERY_POSITION in targets.query_tables.values(),
             )
-        if not any(isinstance(hook, ReinHook) for hook in target._forward_hooks.values()):
+            self._attach_to_model(model, targets, rein_layer)
+        if not _has_hook(target, ReinHook):
             # prepend: transformers records hidden states with forward hooks of its own, which must see the refinement
             target.register_forward_hook(ReinHook(rein_layer, current_key), prepend=True)
+
+    @staticmethod
+    def _attach_to_model(model: nn.Module, targets: ReinTargets, rein_layer: ReinLayer) -> None:
+        """Install what acts outside the encoder layers: the image-size check on the patch embedding and, for query
+        linking, the linked query tables and the hooks on the model that fill them for each forward."""
+        if targets.patch_embedding_name is not None:
+            patch_embedding = model.get_submodule(targets.patch_embedding_name)
+            if not _has_hook(patch_embedding, ReinImageSizeCheck):
+                patch_embedding.register_forward_pre_hook(ReinImageSizeCheck(targets.patch_size))
+        for name, role in targets.query_tables.items():
+            table = model.get_submodule(name)
+            if not isinstance(table, ReinLinkedQueries):
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, ReinLinkedQueries(table, role))
+        if targets.query_tables and not _has_hook(model, ReinQueryHook):
+            model.register_forward_pre_hook(ReinQueryHook(rein_layer, link=True))
+            model.register_forward_hook(ReinQueryHook(rein_layer, link=False), always_call=True)
 
     # --- training mode ---------------------------------------------------------------------------------------------
 
