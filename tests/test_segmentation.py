@@ -452,3 +452,38 @@ def test_label_maps_with_the_models_ignore_index_pass():
     check_label_maps(torch.tensor([[0, 1], [2, LABELS - 1]]), config)
     with pytest.raises(ValueError, match="ignores 0"):
         check_label_maps(torch.tensor([[255]]), config)
+
+
+# --- transformers' own adapter API -----------------------------------------------------------------------------------
+
+AUTO_CLASSES = {
+    "upernet": (tf.AutoModelForSemanticSegmentation, {}),
+    "linked_mask2former": (
+        tf.AutoModelForUniversalSegmentation,
+        {"link_token_to_query": True, "query_dims": QUERY_WIDTH, "modules_to_save": M2F_HEAD},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUTO_CLASSES))
+def test_auto_classes_and_load_adapter_give_the_peft_model_outputs(name, tmp_path):
+    auto_class, config_kwargs = AUTO_CLASSES[name]
+    spec = SEGMENTATION_MODELS[name.removeprefix("linked_")]
+    _seeded(spec.build).save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(
+        auto_class.from_pretrained(tmp_path / "base"),
+        ReinConfig(**{"token_length": QUERIES, "modules_to_save": spec.head, **config_kwargs}),
+    )
+    randomize_adapter(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    inputs = pixels(2)
+    expected = _output(peft_model.eval(), spec, inputs)
+
+    auto = auto_class.from_pretrained(tmp_path / "adapter").eval()
+    loaded = auto_class.from_pretrained(tmp_path / "base")
+    loaded.load_adapter(tmp_path / "adapter")
+    errors = {
+        "auto class": _output(auto, spec, inputs) - expected,
+        "load_adapter": _output(loaded.eval(), spec, inputs) - expected,
+    }
+    assert all(error.abs().max().item() <= 1e-6 for error in errors.values())
