@@ -1,0 +1,384 @@
+"""Fine-tune a semantic-segmentation model over a frozen DINOv2 with Rein through `transformers.Trainer`.
+
+With no flags it runs offline on an embedded task: a small DINOv2 built from a config and a dataset it draws itself
+(red squares on textured noise, labelled by their size: small or large). Point it at real weights and data with
+`--backbone_name_or_path facebook/dinov2-small --dataset_name <hub dataset or folder>`.
+
+The decoder is UperNet (`--decoder upernet`) or Mask2Former (`--decoder mask2former`, whose queries Rein's tokens can
+replace with `--link_token_to_query`), both over a `Dinov2Backbone`. It trains the decoder over the frozen backbone
+alone (the baseline) and Rein with the same decoder, evaluates both on held-out images with mean IoU, saves the
+adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and prints a results table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model
+from PIL import Image
+from rein_example_utils import ReinArguments, check_writable, fail, folder_size_mb, print_results_table
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    BitImageProcessorPil,
+    Dinov2Backbone,
+    Dinov2Config,
+    Dinov2Model,
+    HfArgumentParser,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    PretrainedConfig,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+import rein_peft
+
+DEFAULT_IMAGE_SIZE = 224  # for a checkpoint, unless --image_size says otherwise
+MEAN_IOU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "mean_iou.py")
+# the decoder trained beside the frozen backbone, and where the backbone sits in each model
+DECODER_MODULES = {
+    "upernet": ["decode_head"],
+    "mask2former": ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"],
+}
+BACKBONE_MODULE = {"upernet": "backbone", "mask2former": "model.pixel_level_module.encoder"}
+EMBEDDED_DEFAULTS = {
+    "output_dir": "rein-semantic-segmentation",
+    "num_train_epochs": 6,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.05,
+    "eval_strategy": "no",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "logging_steps": 20,
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "seed": 0,
+}
+
+
+@dataclass
+class ScriptArguments:
+    backbone_name_or_path: str | None = field(
+        default=None, metadata={"help": "DINOv2 checkpoint (Hub or folder); default: build the embedded tiny DINOv2."}
+    )
+    decoder: str = field(default="upernet", metadata={"help": "upernet or mask2former (over a Dinov2Backbone)."})
+    out_indices: list[int] | None = field(
+        default=None,
+        metadata={"help": "Layers (1-based) whose refined outputs feed the decoder; default: 4 evenly spaced."},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Side the images are resized to; default: the checkpoint's crop size."}
+    )
+    num_queries: int = field(default=16, metadata={"help": "Mask2Former's queries (= token_length when linked)."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset or a `save_to_disk` folder (image + label map); default: embedded."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the label maps (images)."})
+    num_labels: int | None = field(default=None, metadata={"help": "Classes of the dataset; default: embedded 3."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str = field(default="validation", metadata={"help": "Held-out split; 20% of train if absent."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
+    skip_baseline: bool = field(default=False, metadata={"help": "Do not train the frozen-backbone baseline."})
+
+
+# --- the embedded default: a tiny DINOv2 and scenes whose labels need more than one patch --------------------------
+
+GRID, PATCH = 8, 8
+CLASS_NAMES = ["background", "small square", "large square"]
+
+
+def draw_squares_dataset(num_images: int, seed: int) -> datasets.Dataset:
+    """Textured noise with red squares of one or two patches a side; each square's pixels are labelled by its size.
+    A patch inside a large square looks exactly like a small square: telling them apart takes the neighbours."""
+    rng = np.random.default_rng(seed)
+    side = GRID * PATCH
+    images, label_maps = [], []
+    for _ in range(num_images):
+        pixels = rng.uniform(0, 0.6, size=(side, side, 3))
+        labels = np.zeros((side, side), dtype=np.uint8)
+        for _ in range(int(rng.integers(2, 6))):
+            size = int(rng.integers(1, 3))
+            row, col = (int(value) * PATCH for value in rng.integers(0, GRID - size + 1, size=2))
+            area = (slice(row, row + size * PATCH), slice(col, col + size * PATCH))
+            if labels[area].any():  # squares do not touch each other's area
+                continue
+            pixels[area] = (1.0, 0.1, 0.1)
+            labels[area] = size
+        images.append(Image.fromarray((pixels * 255).astype(np.uint8)))
+        label_maps.append(Image.fromarray(labels))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": images, "label": label_maps}, features=features)
+
+
+def build_embedded_backbone(folder: str) -> str:
+    """Save a small DINOv2 and its image processor to `folder`, to be loaded like any checkpoint."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        torch.manual_seed(0)
+        side = GRID * PATCH
+        config = Dinov2Config(
+            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=side
+        )
+        config.patch_size = PATCH
+        Dinov2Model(config).save_pretrained(folder)
+        BitImageProcessorPil(size={"height": side, "width": side}, do_center_crop=False).save_pretrained(folder)
+    return folder
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+
+
+def load_splits(script: ScriptArguments) -> datasets.DatasetDict:
+    if script.dataset_name is None:
+        splits = datasets.DatasetDict(
+            {"train": draw_squares_dataset(1200, 1), "validation": draw_squares_dataset(300, 2)}
+        )
+    elif os.path.isdir(script.dataset_name):  # a Dataset or DatasetDict written by `save_to_disk`
+        loaded = datasets.load_from_disk(script.dataset_name)
+        splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    else:
+        splits = datasets.load_dataset(script.dataset_name)
+    name = script.dataset_name or "the embedded dataset"
+    if script.train_split not in splits:
+        fail(f"{name} has no split {script.train_split!r} (splits: {list(splits)}); pass --train_split.")
+    train = splits[script.train_split]
+    if script.eval_split in splits:
+        held_out = splits[script.eval_split]
+    else:
+        parts = train.train_test_split(test_size=0.2, seed=0)
+        train, held_out = parts["train"], parts["test"]
+    for column, flag in ((script.image_column, "--image_column"), (script.label_column, "--label_column")):
+        if column not in train.features:
+            fail(f"{name} has no column {column!r} (columns: {list(train.features)}); pass {flag}.")
+    if script.max_train_samples is not None:
+        train = train.select(range(min(script.max_train_samples, len(train))))
+    if script.max_eval_samples is not None:
+        held_out = held_out.select(range(min(script.max_eval_samples, len(held_out))))
+    return datasets.DatasetDict({"train": train, "validation": held_out})
+
+
+def preprocess(
+    splits: datasets.DatasetDict, processor, side: int, model_config: PretrainedConfig, script: ScriptArguments
+) -> datasets.DatasetDict:
+    """Images of any size: resized to `side` x `side` and normalised by the checkpoint's processor; label maps resized
+    with nearest neighbour, which keeps them class ids, and checked against the model's classes and ignore index."""
+
+    def to_tensors(batch: dict) -> dict:
+        images = [image.convert("RGB").resize((side, side), Image.BILINEAR) for image in batch[script.image_column]]
+        pixel_values = processor(images=images, do_resize=False, do_center_crop=False, return_tensors="np")
+        labels = np.stack(
+            [np.asarray(label.resize((side, side), Image.NEAREST)) for label in batch[script.label_column]]
+        )
+        rein_peft.check_label_maps(torch.from_numpy(labels.astype(np.int64)), model_config)
+        return {"pixel_values": pixel_values["pixel_values"], "labels": labels.astype(np.int64)}
+
+    try:
+        processed = splits.map(to_tensors, batched=True, remove_columns=splits["train"].column_names)
+    except ValueError as error:  # label maps that disagree with the model
+        fail(str(error))
+    return processed.with_format("torch")
+
+
+def make_collator(model_config: PretrainedConfig, decoder: str):
+    """Stack a batch; Mask2Former takes one binary mask per class present instead of the label maps."""
+    ignore_index = rein_peft.segmentation_ignore_index(model_config)
+
+    def collate(examples: list[dict]) -> dict:
+        pixel_values = torch.stack([example["pixel_values"] for example in examples])
+        labels = torch.stack([example["labels"] for example in examples])
+        if decoder == "upernet":
+            return {"pixel_values": pixel_values, "labels": labels}
+        classes = [label_map[label_map != ignore_index].unique() for label_map in labels]
+        masks = [
+            (label_map[None] == present[:, None, None]).float()
+            for label_map, present in zip(labels, classes, strict=True)
+        ]
+        return {"pixel_values": pixel_values, "mask_labels": masks, "class_labels": classes}
+
+    return collate
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+
+
+def backbone_kwargs(script: ScriptArguments, backbone_path: str) -> dict:
+    """How the `Dinov2Backbone` hands features to the decoder: the refined outputs of 4 layers, without final norm."""
+    num_layers = AutoConfig.from_pretrained(backbone_path).num_hidden_layers
+    out_indices = script.out_indices or [round(num_layers * (index + 1) / 4) for index in range(4)]
+    return {
+        "out_features": [f"stage{index}" for index in out_indices],  # stage k: the output of layer k (1-based)
+        "apply_layernorm": False,  # the official features: no final norm
+        "reshape_hidden_states": True,
+    }
+
+
+def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: int) -> PretrainedConfig:
+    """The config of the decoder over a `Dinov2Backbone` shaped like the checkpoint."""
+    backbone_config = Dinov2Config.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
+    names = CLASS_NAMES if script.dataset_name is None else [f"class {index}" for index in range(num_labels)]
+    labels = {"num_labels": num_labels, "id2label": dict(enumerate(names))}
+    if script.decoder == "upernet":
+        return UperNetConfig(
+            backbone_config=backbone_config, hidden_size=64, pool_scales=[1, 2, 4], use_auxiliary_head=False, **labels
+        )
+    return Mask2FormerConfig(
+        backbone_config=backbone_config,
+        num_queries=script.num_queries,
+        hidden_dim=64,
+        mask_feature_size=64,
+        feature_size=64,
+        encoder_layers=2,
+        decoder_layers=3,
+        dim_feedforward=128,
+        encoder_feedforward_dim=128,
+        num_attention_heads=4,
+        common_stride=4,
+        **labels,
+    )
+
+
+def load_segmenter(script: ScriptArguments, config: PretrainedConfig, backbone_path: str, seed: int) -> nn.Module:
+    """The decoder (initialised from `seed`, the same for the baseline and Rein) over the checkpoint's backbone."""
+    torch.manual_seed(seed)
+    model_class = (
+        UperNetForSemanticSegmentation if script.decoder == "upernet" else Mask2FormerForUniversalSegmentation
+    )
+    model = model_class(config)
+    backbone = Dinov2Backbone.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
+    model.get_submodule(BACKBONE_MODULE[script.decoder]).load_state_dict(backbone.state_dict())
+    return model
+
+
+@torch.no_grad()
+def semantic_maps(model: nn.Module, pixel_values: torch.Tensor, side: int) -> torch.Tensor:
+    """Per-pixel class ids `[B, side, side]` from either decoder's outputs."""
+    outputs = model(pixel_values=pixel_values)
+    if hasattr(outputs, "masks_queries_logits"):
+        class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K], without the "no object" class
+        mask_probs = outputs.masks_queries_logits.sigmoid()  # [B, Q, h, w]
+        logits = torch.einsum("bqk,bqhw->bkhw", class_probs, mask_probs)
+    else:
+        logits = outputs.logits
+    return nn.functional.interpolate(logits, size=(side, side), mode="bilinear").argmax(1)
+
+
+def mean_iou(model: nn.Module, dataset: datasets.Dataset, side: int, batch_size: int = 64) -> float:
+    model.eval()
+    metric = evaluate.load(MEAN_IOU)
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset[start : start + batch_size]
+        predictions = semantic_maps(model, batch["pixel_values"], side)
+        metric.add_batch(predictions=predictions.numpy(), references=batch["labels"].numpy())
+    config = model.config
+    return metric.compute(num_labels=config.num_labels, ignore_index=rein_peft.segmentation_ignore_index(config))[
+        "mean_iou"
+    ]
+
+
+def train(model: nn.Module, training: TrainingArguments, data, collator, callbacks) -> Trainer:
+    optimizer = rein_peft.create_rein_optimizer(model, lr=training.learning_rate, weight_decay=training.weight_decay)
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=data["train"],
+        data_collator=collator,
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    return trainer
+
+
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
+    parser = HfArgumentParser((ScriptArguments, ReinArguments, TrainingArguments))
+    parser.set_defaults(**EMBEDDED_DEFAULTS)
+    script, rein, training = parser.parse_args_into_dataclasses(args=argv)
+    if script.decoder not in DECODER_MODULES:
+        fail(f"--decoder must be one of {sorted(DECODER_MODULES)}, got {script.decoder!r}.")
+    check_writable(training.output_dir)
+    push_to_hub, training.push_to_hub = training.push_to_hub, False  # the adapter alone is pushed at the end
+    start = time.perf_counter()
+
+    splits = load_splits(script)
+    num_labels = script.num_labels or len(CLASS_NAMES)
+    with training.main_process_first(desc="building the embedded backbone"):
+        backbone_path = script.backbone_name_or_path or build_embedded_backbone(
+            os.path.join(training.output_dir, "base-model")
+        )
+    processor = AutoImageProcessor.from_pretrained(backbone_path)
+    side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else DEFAULT_IMAGE_SIZE)
+    model_config = segmenter_config(script, backbone_path, num_labels)
+    data = preprocess(splits, processor, side, model_config, script)
+    collator = make_collator(model_config, script.decoder)
+    modules_to_save = DECODER_MODULES[script.decoder]
+
+    def load_model() -> nn.Module:
+        return load_segmenter(script, model_config, backbone_path, training.seed)
+
+    results = {}
+    if not script.skip_baseline:
+        baseline = load_model()
+        for name, param in baseline.named_parameters():
+            param.requires_grad = any(name.startswith(module + ".") for module in modules_to_save)
+        baseline_args = TrainingArguments(**{**training.to_dict(), "output_dir": training.output_dir + "/frozen-head"})
+        baseline_args.save_strategy = "no"
+        train(baseline, baseline_args, data, collator, callbacks)
+        results["frozen_head_miou"] = mean_iou(baseline, data["validation"], side)
+
+    base = load_model()
+    linked = rein.link_token_to_query and script.decoder == "mask2former"
+    config = rein.to_config(modules_to_save=modules_to_save)
+    if linked:  # the tokens become the decoder's queries: one per query, as wide as the decoder
+        config.token_length, config.query_dims = script.num_queries, base.config.hidden_dim
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as error:  # ReinUnsupportedModelError, a decoder that does not fit the linked queries, ...
+        fail(str(error))
+    model.print_trainable_parameters()
+    results["miou_before"] = mean_iou(model, data["validation"], side)
+    trainer = train(model, training, data, collator, callbacks)
+    results["miou_after"] = mean_iou(model, data["validation"], side)
+
+    adapter_dir = os.path.join(training.output_dir, "adapter")
+    trainer.save_model(adapter_dir)  # adapter and decoder only, written by the main process
+    trainer.accelerator.wait_for_everyone()
+    if push_to_hub and trainer.is_world_process_zero():
+        hub_model_id = training.hub_model_id or os.path.basename(os.path.abspath(training.output_dir))
+        results["hub_commit"] = model.push_to_hub(hub_model_id, token=training.hub_token).oid
+    reloaded = PeftModel.from_pretrained(load_model(), adapter_dir)
+    results["miou_reloaded"] = mean_iou(reloaded, data["validation"], side)
+    results["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
+    results["adapter_mb"] = folder_size_mb(adapter_dir, "adapter_model.safetensors")
+    results["seconds"] = time.perf_counter() - start
+    if trainer.is_world_process_zero():
+        rows = [
+            ("backbone", backbone_path),
+            ("decoder", script.decoder + (", queries linked to Rein's tokens" if linked else "")),
+            ("trainable parameters (Rein + decoder)", f"{results['trainable_parameters']:,}"),
+            ("adapter file (Rein + decoder)", f"{results['adapter_mb']:.2f} MB"),
+            ("mIoU, frozen backbone + decoder", f"{results.get('frozen_head_miou', float('nan')):.3f}"),
+            ("mIoU, Rein before training", f"{results['miou_before']:.3f}"),
+            ("mIoU, Rein after training", f"{results['miou_after']:.3f}"),
+            ("mIoU, adapter reloaded", f"{results['miou_reloaded']:.3f}"),
+            ("time", f"{results['seconds']:.0f} s"),
+        ]
+        print_results_table("Rein semantic segmentation", rows)
+    return results
+
+
+if __name__ == "__main__":
+    main()
