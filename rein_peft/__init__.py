@@ -12,7 +12,9 @@ from .discovery import ReinUnsupportedModelError
 from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
+from .quantization import is_backbone_linear
 from .segmentation import check_label_maps, segmentation_ignore_index
+from .sharding import gather_adapter_state_dict
 from .training import create_rein_optimizer, rein_parameter_groups
 
 __version__ = "0.1.0"
@@ -39,7 +41,9 @@ __all__ = [
     "check_label_maps",
     "convert_official_checkpoint",
     "create_rein_optimizer",
+    "gather_adapter_state_dict",
     "get_queries",
+    "is_backbone_linear",
     "register",
     "rein_parameter_groups",
     "segmentation_ignore_index",

@@ -11,6 +11,9 @@ from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
+# the method prefix: every tensor of a Rein adapter lives under a `rein_*` attribute of the `ReinLayer`
+REIN_PREFIX = "rein_"
+
 
 class ReinPeftType(str, enum.Enum):
     """PEFT's `PeftType` is a closed enum, so Rein registers a `str`-valued enum of its own.

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import ReinConfig
+from .quantization import is_plain_float
 
 # in a mixed-adapter batch, the name that runs a sample through the base model alone (PEFT's convention)
 BASE_ADAPTER_NAME = "__base__"
@@ -185,12 +187,16 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         content = self.rein_query_feat[adapter_name](queries) if adapter_name in self.rein_query_feat else queries
         return {QUERY_CONTENT: content, QUERY_POSITION: queries}
 
-    def _weights(self, adapter_name: str) -> list[torch.Tensor]:
-        """Every tensor the input-independent projections of an adapter depend on."""
-        tables = [self.rein_tokens, self.rein_tokens_a, self.rein_tokens_b, self.rein_scale]
-        tensors = [table[adapter_name] for table in tables if adapter_name in table]
-        for linear in (self.rein_token2feat[adapter_name], self.rein_delta_f[adapter_name]):
-            tensors += [linear.weight, linear.bias]
+    def _weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Every tensor the input-independent projections of an adapter depend on, by name."""
+        tensors = {
+            table: getattr(self, table)[adapter_name]
+            for table in ("rein_tokens", "rein_tokens_a", "rein_tokens_b", "rein_scale")
+            if adapter_name in getattr(self, table)
+        }
+        for linear in ("rein_token2feat", "rein_delta_f"):
+            tensors[f"{linear}.weight"] = getattr(self, linear)[adapter_name].weight
+            tensors[f"{linear}.bias"] = getattr(self, linear)[adapter_name].bias
         return tensors
 
     def _scale(self, adapter_name: str) -> torch.Tensor | float:
@@ -227,7 +233,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         with torch.autocast(self.device_anchor.device.type, enabled=False):
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return compute(adapter_name, *args)
-            weights = self._weights(adapter_name)
+            weights = list(self._weights(adapter_name).values())
             state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
             cached = self.projection_cache.get(key)
             if cached is None or cached[0] != state:
@@ -263,6 +269,26 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         start = num_inserted if settings.refine_query_tokens else 0
         return slice(start, num_inserted + settings.num_prefix_tokens)
 
+    def _check_weights(self, adapter_name: str) -> None:
+        """Refuse adapter tensors that Rein cannot compute with: still sharded by FSDP2 when the layers run, or
+        quantized (a backbone quantizer applied to the whole model)."""
+        for name, weight in self._weights(adapter_name).items():
+            if isinstance(weight, DTensor):
+                raise ValueError(
+                    f"Rein's tensor '{name}' of adapter '{adapter_name}' is still sharded (a DTensor) while the "
+                    "encoder layers run. FSDP2 gathers a module's parameters only around that module's own forward, "
+                    "but every encoder layer reads Rein's tensors, so the ReinLayer must not be sharded on its own. "
+                    "Shard the encoder layers one by one and then the whole model, which gathers Rein's tensors for "
+                    "the whole forward: `for layer in layers: fully_shard(layer)`, then `fully_shard(model)`."
+                )
+            if not is_plain_float(weight):
+                raise ValueError(
+                    f"Rein's tensor '{name}' of adapter '{adapter_name}' is quantized ({type(weight).__name__}, "
+                    f"{weight.dtype}). Rein's tensors are trained and must stay in floating point: quantize only the "
+                    "frozen backbone, e.g. `quantize_(model, config, filter_fn=rein_peft.is_backbone_linear)`, or "
+                    "quantize the base model before `get_peft_model`."
+                )
+
     def refine(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
         """Apply one adapter's refinement of layer `row` to that layer's output hidden states.
 
@@ -277,6 +303,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             hidden_states = hidden_states.transpose(0, 1)
         hidden, num_prefix = hidden_states.shape[-1], settings.num_prefix_tokens
         untouched = self._untouched_rows(adapter_name, row, hidden_states.shape[1])
+        if row == 0 and not torch.compiler.is_compiling():  # once per forward
+            self._check_weights(adapter_name)
         if hidden != settings.hidden_size:
             raise ValueError(
                 f"Rein adapter '{adapter_name}' was built for hidden size {settings.hidden_size}, but the layer "
@@ -290,7 +318,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
                 "`num_prefix_tokens` wrong?"
             )
         keys, values = self._cached((adapter_name, row), self._compute_projections, adapter_name, row)  # [C,M], [M,C]
-        x = hidden_states.reshape(-1, hidden).to(keys.dtype)  # [B*S, C]
+        features = hidden_states.to(keys.dtype)  # [B, S, C]
+        x = features.reshape(-1, hidden)  # [B*S, C]
         # In full precision the residual can ride in the GEMM, x @ (I + W) = x + x @ W, saving a pass over the
         # hidden states; with autocast or a lower-precision base it stays a separate add, so it is never rounded.
         fold_residual = hidden_states.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
@@ -300,11 +329,13 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         attn = x @ keys  # [B*S, M]
         if settings.use_softmax:
             attn = attn.softmax(dim=-1)
-        update = x @ weight  # [B*S, C]
-        update.addmm_(attn.to(update.dtype), values.to(update.dtype))  # in-place ops are not autocast: cast here
+        # [B, S, C] @ [C, C] is one [B*S, C] GEMM whose result is not a view: an output that is a view of another
+        # tensor, written in place below, crashes FSDP2's backward hooks (SIGSEGV in register_hook)
+        update = features @ weight  # [B, S, C]
+        # in-place ops are not autocast: cast here
+        update.view(-1, hidden).addmm_(attn.to(update.dtype), values.to(update.dtype))  # [B*S, M] @ [M, C]
         if not settings.use_softmax:
             update = update + self.rein_delta_f[adapter_name].bias * self._scale(adapter_name)
-        update = update.view(hidden_states.shape)
         if fold_residual:
             update[:, untouched] = hidden_states[:, untouched]  # prefix (and inserted) tokens pass through untouched
             refined = update

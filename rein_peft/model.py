@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import (
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .config import ReinConfig
+from .config import REIN_PREFIX, ReinConfig
 from .discovery import ReinTargets, discover
 from .layer import (
     BASE_ADAPTER_NAME,
@@ -28,6 +28,7 @@ from .layer import (
     ReinQueryHook,
     ReinSettings,
 )
+from .quantization import refuse_quantized_modules_to_save
 
 # attribute under which the ReinLayer hangs on the module that holds the encoder layers; it must not start with
 # the method prefix "rein_", which marks the adapter's own tensors
@@ -54,6 +55,41 @@ def _tensor_stem(key: str) -> str | None:
 def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
     """Forward pre-hook that hands a mixed batch's `adapter_names` to a `modules_to_save` wrapper."""
     return args, {**kwargs, "adapter_names": adapter_names}
+
+
+def _execution_device(model: nn.Module, layer_name: str) -> torch.device:
+    """Where an encoder layer computes, and so where a new adapter belongs: the device of its parameters or, when
+    accelerate has offloaded them (`device_map` with "disk" or "cpu" entries: they wait on the meta device), the
+    device accelerate's hook brings them to for each forward."""
+    layer = model.get_submodule(layer_name)
+    device = next(layer.parameters()).device
+    if device.type != "meta":
+        return device
+    parts = layer_name.split(".")
+    for end in range(len(parts), -1, -1):  # the layer first, then its ancestors up to the model
+        hook = getattr(model.get_submodule(".".join(parts[:end])), "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            execution_device = hook.execution_device
+            if isinstance(execution_device, int):  # accelerate's name for a GPU index
+                return torch.device("cuda", execution_device)
+            return torch.device(execution_device)
+    return torch.device("cpu")
+
+
+def _refuse_holder_offloaded_to_disk(model: nn.Module, targets: ReinTargets) -> None:
+    """Refuse a `device_map` that offloads the module holding the encoder layers to disk as one block: the
+    `ReinLayer` hangs on that module, so loaders that follow the map (transformers' `load_adapter`) would send the
+    adapter's weights to the offload files instead of into Rein."""
+    holder_name, layer_names = targets.holder_name, targets.layer_names
+    for name, device in (getattr(model, "hf_device_map", None) or {}).items():
+        if device == "disk" and (name == "" or holder_name == name or holder_name.startswith(f"{name}.")):
+            raise ValueError(
+                f"The device_map offloads '{name or 'the whole model'}' to disk as one block, which includes "
+                f"'{holder_name}', the module that holds the encoder layers and Rein's tensors. Give the encoder "
+                f"layers entries of their own (e.g. device_map={{..., '{layer_names[0]}': 'cpu', "
+                f"'{layer_names[-1]}': 'disk', ...}}), or raise `max_memory` so that device_map='auto' places the "
+                "layers one by one."
+            )
 
 
 def find_rein_layers(model: nn.Module) -> list[ReinLayer]:
@@ -116,7 +152,7 @@ class ReinModel(BaseTuner):
         ```
     """
 
-    prefix: str = "rein_"
+    prefix: str = REIN_PREFIX
     tuner_layer_cls = ReinLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -127,6 +163,7 @@ class ReinModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: ReinConfig, model: nn.Module) -> None:
+        refuse_quantized_modules_to_save(model, peft_config.modules_to_save)
         # read by _check_target_module_exists and _create_and_replace during this injection only
         self._injection: tuple[nn.Module, ReinTargets] = (model, discover(model, peft_config))
 
@@ -150,7 +187,8 @@ class ReinModel(BaseTuner):
         holder = model.get_submodule(targets.holder_name)
         rein_layer = getattr(holder, REIN_LAYER_ATTRIBUTE, None)
         if rein_layer is None:
-            rein_layer = ReinLayer(device=next(target.parameters()).device)
+            _refuse_holder_offloaded_to_disk(model, targets)
+            rein_layer = ReinLayer(device=_execution_device(model, current_key))
             holder.add_module(REIN_LAYER_ATTRIBUTE, rein_layer)
         if adapter_name not in rein_layer.rein_settings:
             settings = ReinSettings(

@@ -1,0 +1,36 @@
+"""Saving an adapter from a model sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`, or accelerate's FSDP
+plugin with `fsdp_version: 2`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from .config import REIN_PREFIX
+
+# what marks Rein's own tensors (the tuner's prefix) and PEFT's `modules_to_save` copies in module and state-dict keys
+REIN_KEY = f".{REIN_PREFIX}"
+MODULES_TO_SAVE_KEY = ".modules_to_save."
+
+
+def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Rein tensors and `modules_to_save` copies of every adapter of `model`, whole (not sharded), on every rank.
+
+    FSDP2 keeps each rank's shard of a parameter as a `DTensor`, which `save_pretrained` cannot write; this gathers
+    only the adapter (a few MB), not the frozen backbone. A collective: call it on every rank, then save on one:
+
+    ```py
+    >>> state_dict = rein_peft.gather_adapter_state_dict(model)
+    >>> if torch.distributed.get_rank() == 0:
+    ...     model.save_pretrained("adapter", state_dict=state_dict)
+    ```
+
+    On a model that is not sharded it returns the same tensors, so the same code runs on one process.
+    """
+    gathered = {}
+    for key, tensor in model.state_dict().items():  # the same order on every rank, as the collective needs
+        if REIN_KEY not in key and MODULES_TO_SAVE_KEY not in key:
+            continue
+        gathered[key] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return gathered

@@ -1,0 +1,234 @@
+"""Large backbones on modest hardware: FSDP2 sharding (2 CPU processes), torchao int8 backbones, accelerate offload."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsdp_worker
+import pytest
+import torch
+import torch.distributed as dist
+import transformers as tf
+from conftest import pixels, randomize_adapter, tiny_dinov2
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+import rein_peft
+from rein_peft import ReinConfig
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FSDP_CONFIG = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------------------------
+
+
+def _launch(launcher: str, out: Path, *extra: str) -> None:
+    bin_dir = Path(sys.executable).parent
+    command = {
+        "plain": [str(bin_dir / "torchrun"), "--nproc_per_node", "2"],
+        # accelerate runs on CPU processes only when told to (ACCELERATE_USE_CPU below)
+        "accelerate": [str(bin_dir / "accelerate"), "launch", "--config_file", str(FSDP_CONFIG)],
+    }[launcher]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(TESTS)}
+    result = subprocess.run(
+        [*command, str(TESTS / "fsdp_worker.py"), launcher, str(out), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _one_process_reference() -> torch.nn.Module:
+    model, optimizer = fsdp_worker.build()
+    fsdp_worker.train(model, optimizer, range(fsdp_worker.STEPS))
+    return model
+
+
+def _assert_adapter_matches_reference(out: Path) -> None:
+    info = json.loads((out / "run_info.json").read_text())
+    assert info == {"world_size": 2, "tokens_sharded": True}  # really sharded over two processes
+    reference = _one_process_reference()
+    expected = get_peft_model_state_dict(reference)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.allclose(saved[key], tensor, atol=1e-5, rtol=0), key
+    # the complete adapter loads into a fresh base model and computes what the one-process model computes
+    loaded = PeftModel.from_pretrained(fsdp_worker.base_model(), out / "adapter").eval()
+    x = pixels(3)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, reference.eval()(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("launcher", ["plain", "accelerate"])
+def test_fsdp2_training_matches_one_process_and_saves_a_complete_adapter(tmp_path, launcher):
+    _launch(launcher, tmp_path)
+    _assert_adapter_matches_reference(tmp_path)
+
+
+@pytest.mark.parametrize("launcher", ["plain", "accelerate"])
+def test_fsdp2_training_resumes_from_a_sharded_checkpoint(tmp_path, launcher):
+    _launch(launcher, tmp_path, "--stop_after", "3")
+    shards = sorted(path.name for path in (tmp_path / "checkpoint").rglob("*.distcp"))
+    assert shards and all(name.startswith(("__0_", "__1_")) for name in shards)  # written by both ranks
+    assert not (tmp_path / "adapter").exists()
+    _launch(launcher, tmp_path, "--resume")  # steps 3..5, momentum buffers included, must end where 0..5 ends
+    _assert_adapter_matches_reference(tmp_path)
+
+
+@pytest.fixture
+def one_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharding_the_rein_layer_on_its_own_is_refused(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
+    fully_shard(model.base_model.model.dinov2.encoder.rein)  # gathered only around its own forward, which never runs
+    with pytest.raises(ValueError, match=r"still sharded \(a DTensor\).*fully_shard\(model\)"):
+        model(pixels(2))
+
+
+def test_gather_adapter_state_dict_without_sharding_is_the_adapter():
+    model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    gathered = rein_peft.gather_adapter_state_dict(model)
+    assert get_peft_model_state_dict(model, state_dict=gathered).keys() == get_peft_model_state_dict(model).keys()
+    assert all(".rein_" in key or ".modules_to_save." in key for key in gathered)
+
+
+# --- quantized backbones (torchao) ---------------------------------------------------------------------------------
+
+torchao = pytest.importorskip("torchao")
+from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _int8_copy(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """The same model, adapter included, with its backbone's linear layers in int8."""
+    copy = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    copy.load_state_dict(peft_model.state_dict())
+    quantize_(copy, Int8WeightOnlyConfig(), filter_fn=rein_peft.is_backbone_linear)
+    return copy
+
+
+def test_int8_backbone_trains_a_float32_adapter_close_to_full_precision():
+    full = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    randomize_adapter(full)
+    model = _int8_copy(full)
+    fc1 = model.base_model.model.dinov2.encoder.layer[0].mlp.fc1
+    assert type(fc1.weight).__name__ == "Int8Tensor" and not fc1.weight.requires_grad
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in trainable.values())
+    assert all(".rein_" in name or ".modules_to_save." in name for name in trainable)
+
+    x = pixels(4)
+    with torch.no_grad():
+        assert _relative_error(model.eval()(x).logits, full.eval()(x).logits) < 0.05  # int8 vs float32 backbone
+
+    labels = torch.tensor([0, 1, 2, 0])
+    optimizer = rein_peft.create_rein_optimizer(model, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(x, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(param.dtype == torch.float32 for param in trainable.values())
+
+
+def test_adapters_move_between_int8_and_full_precision_backbones(tmp_path):
+    base_folder, adapter_folder = tmp_path / "base", tmp_path / "adapter"
+    base = tiny_dinov2()
+    base.save_pretrained(base_folder)
+    full = get_peft_model(base, ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    randomize_adapter(full)
+    full.save_pretrained(adapter_folder)
+    x = pixels(3)
+    with torch.no_grad():
+        expected = full.eval()(x).logits
+
+    # full precision -> int8, quantized by transformers while loading (the head stays in full precision)
+    quantization = tf.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=["classifier"])
+    int8_base = tf.Dinov2ForImageClassification.from_pretrained(base_folder, quantization_config=quantization)
+    assert type(int8_base.dinov2.encoder.layer[0].attention.q_proj.weight).__name__ == "Int8Tensor"
+    int8_model = PeftModel.from_pretrained(int8_base, adapter_folder).eval()
+    with torch.no_grad():
+        assert _relative_error(int8_model(x).logits, expected) < 0.05
+
+    # int8 -> full precision: an adapter saved from the int8 model loads into the float32 one
+    int8_model.save_pretrained(tmp_path / "from_int8")
+    saved = load_file(tmp_path / "from_int8" / "adapter_model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())
+    full_base = tf.Dinov2ForImageClassification.from_pretrained(base_folder)
+    reloaded = PeftModel.from_pretrained(full_base, tmp_path / "from_int8").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, expected)
+
+
+def test_quantizing_rein_tensors_is_refused():
+    model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
+    quantize_(model, Int8WeightOnlyConfig())  # every nn.Linear, Rein's own included
+    with pytest.raises(ValueError, match=r"rein_token2feat.weight.*quantized.*is_backbone_linear"):
+        model(pixels(2))
+
+
+def test_a_quantized_module_to_save_is_refused(tmp_path):
+    tiny_dinov2().save_pretrained(tmp_path)
+    quantized = tf.Dinov2ForImageClassification.from_pretrained(
+        tmp_path, quantization_config=tf.TorchAoConfig(Int8WeightOnlyConfig())
+    )
+    with pytest.raises(ValueError, match=r"'classifier'.*quantized.*modules_to_not_convert"):
+        get_peft_model(quantized, ReinConfig(token_length=6, modules_to_save=["classifier"]))
+
+
+# --- offloading (accelerate) ---------------------------------------------------------------------------------------
+
+
+def test_rein_on_an_offloaded_backbone_gives_the_outputs_of_the_model_in_memory(tmp_path):
+    base = tiny_dinov2(num_hidden_layers=4)
+    base.save_pretrained(tmp_path / "base")
+    in_memory = get_peft_model(base, ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    randomize_adapter(in_memory)
+    in_memory.save_pretrained(tmp_path / "adapter")
+    x = pixels(3)
+    with torch.no_grad():
+        expected = in_memory.eval()(x).logits
+
+    # a CPU budget too small for the model: accelerate keeps what fits and offloads the rest to disk
+    offloaded = tf.Dinov2ForImageClassification.from_pretrained(
+        tmp_path / "base", device_map="auto", max_memory={"cpu": "150KB"}, offload_folder=tmp_path / "offload"
+    )
+    assert {"cpu", "disk"} <= set(offloaded.hf_device_map.values())
+    assert offloaded.hf_device_map["dinov2.encoder.layer.3"] == "disk"
+    offloaded.load_adapter(str(tmp_path / "adapter"))
+    rein_layer = offloaded.dinov2.encoder.rein
+    assert rein_layer.rein_tokens["default"].device.type == "cpu"  # not left on the meta device
+    with torch.no_grad():
+        assert torch.equal(offloaded.eval()(x).logits, expected)
+
+
+def test_offloading_the_encoder_as_one_block_is_refused(tmp_path):
+    tiny_dinov2().save_pretrained(tmp_path / "base")
+    offloaded = tf.Dinov2ForImageClassification.from_pretrained(
+        tmp_path / "base", device_map="auto", max_memory={"cpu": "80KB"}, offload_folder=tmp_path / "offload"
+    )
+    assert offloaded.hf_device_map["dinov2.encoder"] == "disk"
+    with pytest.raises(ValueError, match=r"offloads 'dinov2.encoder' to disk as one block.*dinov2.encoder.layer.0"):
+        get_peft_model(offloaded, ReinConfig(token_length=6))
