@@ -114,6 +114,7 @@ def _plain(out: str, stop_after: int | None, resume: bool) -> None:
         state_dict = rein_peft.gather_adapter_state_dict(model)
         if rank == 0:
             model.save_pretrained(os.path.join(out, "adapter"), state_dict=state_dict)
+    dist.barrier()  # every rank done with its collectives (DCP, FSDP) before the group goes away
     dist.destroy_process_group()
 
 
