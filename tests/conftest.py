@@ -153,6 +153,19 @@ def randomize_adapter(peft_model: torch.nn.Module, seed: int = 1) -> None:
                 param.copy_(values / param.shape[-1] ** 0.5 if param.ndim >= 2 else values * 0.5)
 
 
+def train_steps(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, optimizer, steps: int) -> list[float]:
+    """Train `model` for `steps` steps on one batch; the loss of each step."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def adapted_dinov2(**config_kwargs) -> torch.nn.Module:
     """A tiny DINOv2 classifier wrapped with a Rein adapter (token_length 6 unless given) with seeded values."""
     peft_model = get_peft_model(tiny_dinov2(), ReinConfig(**{"token_length": 6, **config_kwargs}))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers as tf
-from conftest import pixels, randomize_adapter, tiny_dinov2
+from conftest import pixels, randomize_adapter, tiny_dinov2, train_steps
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -140,15 +140,7 @@ def test_int8_backbone_trains_a_float32_adapter_close_to_full_precision():
         assert _relative_error(model.eval()(x).logits, full.eval()(x).logits) < 0.05  # int8 vs float32 backbone
 
     labels = torch.tensor([0, 1, 2, 0])
-    optimizer = rein_peft.create_rein_optimizer(model, lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(x, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, x, labels, rein_peft.create_rein_optimizer(model, lr=1e-2), steps=10)
     assert losses[-1] < 0.8 * losses[0]
     assert all(param.dtype == torch.float32 for param in trainable.values())
 

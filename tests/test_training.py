@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import adapted_dinov2, pixels, tiny_dinov2
+from conftest import adapted_dinov2, pixels, tiny_dinov2, train_steps
 from peft import get_peft_model
 
 import rein_peft
@@ -142,16 +142,10 @@ def test_pickle_round_trip():
 
 def test_a_few_steps_of_adamw_lower_the_loss():
     torch.manual_seed(0)
-    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=8, modules_to_save=["classifier"])).train()
+    peft_model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=8, modules_to_save=["classifier"]))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     x, labels = pixels(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    losses = []
-    for _ in range(30):
-        loss = peft_model(x, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, x, labels, optimizer, steps=30)
     assert losses[-1] < 0.5 * losses[0]
 
 
