@@ -13,6 +13,16 @@ from safetensors import SafetensorError, safe_open
 
 # the method prefix: every tensor of a Rein adapter lives under a `rein_*` attribute of the `ReinLayer`
 REIN_PREFIX = "rein_"
+# the parts of PEFT's `modules_to_save` wrapper in module and state-dict names: the per-adapter copies, which train,
+# and the original module, which the copies are made from
+MODULES_TO_SAVE = "modules_to_save"
+ORIGINAL_MODULE = "original_module"
+
+
+def is_adapter_key(name: str) -> bool:
+    """Whether a module, parameter or state-dict name belongs to an adapter: a Rein tensor or a `modules_to_save`
+    copy."""
+    return any(part.startswith(REIN_PREFIX) or part == MODULES_TO_SAVE for part in name.split("."))
 
 
 class ReinPeftType(str, enum.Enum):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import ReinConfig
-from .quantization import is_plain_float
+from .quantization import is_quantized
 
 # in a mixed-adapter batch, the name that runs a sample through the base model alone (PEFT's convention)
 BASE_ADAPTER_NAME = "__base__"
@@ -281,7 +281,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
                     "Shard the encoder layers one by one and then the whole model, which gathers Rein's tensors for "
                     "the whole forward: `for layer in layers: fully_shard(layer)`, then `fully_shard(model)`."
                 )
-            if not is_plain_float(weight):
+            if is_quantized(weight):
                 raise ValueError(
                     f"Rein's tensor '{name}' of adapter '{adapter_name}' is quantized ({type(weight).__name__}, "
                     f"{weight.dtype}). Rein's tensors are trained and must stay in floating point: quantize only the "

@@ -76,20 +76,16 @@ def _execution_device(model: nn.Module, layer_name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _refuse_holder_offloaded_to_disk(model: nn.Module, targets: ReinTargets) -> None:
-    """Refuse a `device_map` that offloads the module holding the encoder layers to disk as one block: the
-    `ReinLayer` hangs on that module, so loaders that follow the map (transformers' `load_adapter`) would send the
-    adapter's weights to the offload files instead of into Rein."""
-    holder_name, layer_names = targets.holder_name, targets.layer_names
-    for name, device in (getattr(model, "hf_device_map", None) or {}).items():
-        if device == "disk" and (name == "" or holder_name == name or holder_name.startswith(f"{name}.")):
-            raise ValueError(
-                f"The device_map offloads '{name or 'the whole model'}' to disk as one block, which includes "
-                f"'{holder_name}', the module that holds the encoder layers and Rein's tensors. Give the encoder "
-                f"layers entries of their own (e.g. device_map={{..., '{layer_names[0]}': 'cpu', "
-                f"'{layer_names[-1]}': 'disk', ...}}), or raise `max_memory` so that device_map='auto' places the "
-                "layers one by one."
-            )
+def _keep_out_of_disk_offload(model: nn.Module, rein_layer_name: str, device: torch.device) -> None:
+    """When accelerate's `device_map` offloads the module that holds the encoder layers to disk as one block, give
+    the `ReinLayer` inside it an entry of its own on its device: loaders that follow the map (transformers'
+    `load_adapter`) would otherwise send the adapter's weights to the offload files instead of into Rein."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return
+    holders = [name for name in device_map if name == "" or rein_layer_name.startswith(f"{name}.")]
+    if holders and device_map[max(holders, key=len)] == "disk":
+        device_map[rein_layer_name] = device.index if device.type == "cuda" else device.type  # accelerate's notation
 
 
 def find_rein_layers(model: nn.Module) -> list[ReinLayer]:
@@ -130,9 +126,11 @@ def remove_rein(model: nn.Module) -> None:
         if isinstance(module, ReinLinkedQueries):
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, module.base_layer)
-    for module in list(model.modules()):
+    device_map = getattr(model, "hf_device_map", None) or {}
+    for name, module in list(model.named_modules()):
         if isinstance(getattr(module, REIN_LAYER_ATTRIBUTE, None), ReinLayer):
             delattr(module, REIN_LAYER_ATTRIBUTE)
+            device_map.pop(f"{name}.{REIN_LAYER_ATTRIBUTE}".lstrip("."), None)  # see _keep_out_of_disk_offload
 
 
 class ReinModel(BaseTuner):
@@ -187,9 +185,10 @@ class ReinModel(BaseTuner):
         holder = model.get_submodule(targets.holder_name)
         rein_layer = getattr(holder, REIN_LAYER_ATTRIBUTE, None)
         if rein_layer is None:
-            _refuse_holder_offloaded_to_disk(model, targets)
             rein_layer = ReinLayer(device=_execution_device(model, current_key))
             holder.add_module(REIN_LAYER_ATTRIBUTE, rein_layer)
+            rein_layer_name = f"{targets.holder_name}.{REIN_LAYER_ATTRIBUTE}".lstrip(".")
+            _keep_out_of_disk_offload(model, rein_layer_name, rein_layer.device_anchor.device)
         if adapter_name not in rein_layer.rein_settings:
             settings = ReinSettings(
                 hidden_size=targets.hidden_size,

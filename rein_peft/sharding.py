@@ -7,11 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .config import REIN_PREFIX
-
-# what marks Rein's own tensors (the tuner's prefix) and PEFT's `modules_to_save` copies in module and state-dict keys
-REIN_KEY = f".{REIN_PREFIX}"
-MODULES_TO_SAVE_KEY = ".modules_to_save."
+from .config import is_adapter_key
 
 
 def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -30,7 +26,7 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     gathered = {}
     for key, tensor in model.state_dict().items():  # the same order on every rank, as the collective needs
-        if REIN_KEY not in key and MODULES_TO_SAVE_KEY not in key:
+        if not is_adapter_key(key):
             continue
         gathered[key] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
     return gathered

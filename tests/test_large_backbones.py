@@ -174,6 +174,15 @@ def test_adapters_move_between_int8_and_full_precision_backbones(tmp_path):
         assert torch.equal(reloaded(x).logits, expected)
 
 
+def test_int8_backbone_takes_further_adapters():
+    model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=rein_peft.is_backbone_linear)
+    assert type(model.base_model.model.classifier.original_module.weight) is torch.nn.Parameter  # copies come from it
+    model.add_adapter("second", ReinConfig(token_length=4, lora_dim=2, modules_to_save=["classifier"]))
+    model.set_adapter("second")
+    assert model(pixels(2)).logits.shape == (2, 3)
+
+
 def test_quantizing_rein_tensors_is_refused():
     model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6))
     quantize_(model, Int8WeightOnlyConfig())  # every nn.Linear, Rein's own included
@@ -186,22 +195,28 @@ def test_a_quantized_module_to_save_is_refused(tmp_path):
     quantized = tf.Dinov2ForImageClassification.from_pretrained(
         tmp_path, quantization_config=tf.TorchAoConfig(Int8WeightOnlyConfig())
     )
-    with pytest.raises(ValueError, match=r"'classifier'.*quantized.*modules_to_not_convert"):
+    with pytest.raises(ValueError, match=r"'classifier'.*quantized.*can do neither.*modules_to_not_convert"):
         get_peft_model(quantized, ReinConfig(token_length=6, modules_to_save=["classifier"]))
 
 
 # --- offloading (accelerate) ---------------------------------------------------------------------------------------
 
 
-def test_rein_on_an_offloaded_backbone_gives_the_outputs_of_the_model_in_memory(tmp_path):
-    base = tiny_dinov2(num_hidden_layers=4)
-    base.save_pretrained(tmp_path / "base")
+def _save_base_and_adapter(folder: Path, num_layers: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Save a tiny DINOv2 to folder/base and a Rein adapter of it to folder/adapter; the model in memory, an input and
+    the model's logits for it."""
+    base = tiny_dinov2(num_hidden_layers=num_layers)
+    base.save_pretrained(folder / "base")
     in_memory = get_peft_model(base, ReinConfig(token_length=6, modules_to_save=["classifier"]))
     randomize_adapter(in_memory)
-    in_memory.save_pretrained(tmp_path / "adapter")
+    in_memory.save_pretrained(folder / "adapter")
     x = pixels(3)
     with torch.no_grad():
-        expected = in_memory.eval()(x).logits
+        return in_memory, x, in_memory.eval()(x).logits
+
+
+def test_rein_on_an_offloaded_backbone_gives_the_outputs_of_the_model_in_memory(tmp_path):
+    _, x, expected = _save_base_and_adapter(tmp_path, num_layers=4)
 
     # a CPU budget too small for the model: accelerate keeps what fits and offloads the rest to disk
     offloaded = tf.Dinov2ForImageClassification.from_pretrained(
@@ -216,11 +231,37 @@ def test_rein_on_an_offloaded_backbone_gives_the_outputs_of_the_model_in_memory(
         assert torch.equal(offloaded.eval()(x).logits, expected)
 
 
-def test_offloading_the_encoder_as_one_block_is_refused(tmp_path):
-    tiny_dinov2().save_pretrained(tmp_path / "base")
-    offloaded = tf.Dinov2ForImageClassification.from_pretrained(
-        tmp_path / "base", device_map="auto", max_memory={"cpu": "80KB"}, offload_folder=tmp_path / "offload"
-    )
-    assert offloaded.hf_device_map["dinov2.encoder"] == "disk"
-    with pytest.raises(ValueError, match=r"offloads 'dinov2.encoder' to disk as one block.*dinov2.encoder.layer.0"):
-        get_peft_model(offloaded, ReinConfig(token_length=6))
+def test_an_encoder_offloaded_to_disk_as_one_block_keeps_rein_in_memory(tmp_path):
+    in_memory, x, expected = _save_base_and_adapter(tmp_path, num_layers=2)
+
+    def offloaded() -> torch.nn.Module:  # a budget below one layer: the encoder goes to disk as one block
+        model = tf.Dinov2ForImageClassification.from_pretrained(
+            tmp_path / "base", device_map="auto", max_memory={"cpu": "80KB"}, offload_folder=tmp_path / "offload"
+        )
+        assert model.hf_device_map["dinov2.encoder"] == "disk"
+        return model
+
+    # transformers' loader follows the device_map: without an entry of its own, the ReinLayer inside the offloaded
+    # encoder would get its weights sent to the offload files, and keep its random initial values
+    loaded = offloaded()
+    loaded.load_adapter(str(tmp_path / "adapter"))
+    assert loaded.hf_device_map["dinov2.encoder.rein"] == "cpu"
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x).logits, expected)
+
+    fresh = get_peft_model(offloaded(), ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    fresh.load_state_dict(in_memory.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x).logits, expected)
+    assert "dinov2.encoder.rein" not in fresh.unload().hf_device_map
+
+
+def test_shape_tracing_with_fake_tensors_is_not_mistaken_for_quantization():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    model = get_peft_model(tiny_dinov2(), ReinConfig(token_length=6)).eval()
+    with FakeTensorMode() as mode:  # shapes without data, as memory estimators run models
+        tensors = {name: mode.from_tensor(tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
+        logits = functional_call(model, tensors, (torch.randn(2, 3, 32, 32),)).logits
+    assert logits.shape == (2, 3)
