@@ -155,6 +155,7 @@ def _accelerate(out: str, stop_after: int | None, resume: bool) -> None:
         state_dict = rein_peft.gather_adapter_state_dict(model)
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(os.path.join(out, "adapter"), state_dict=state_dict)
+    accelerator.wait_for_everyone()  # as in _plain: no rank tears the group down while another still uses it
     accelerator.end_training()
 
 
