@@ -4,7 +4,7 @@ and a DINOv2-g-sized backbone (hidden 1536, 40 layers, SwiGLU: 1.1B parameters),
 
     python benchmarks/memory.py                              # the CPU run whose results are in benchmarks/results/
     python benchmarks/memory.py --device cuda --dtype bfloat16   # on a GPU: CUDA max-allocated, bf16 backbone
-    python benchmarks/memory.py --quick                      # a 2-minute smoke run on miniature widths
+    python benchmarks/memory.py --quick                      # a one-minute smoke run on miniature widths
 
 Every figure is labelled "measured" or "computed":
 
@@ -124,7 +124,8 @@ def tensor_bytes(backbone: Backbone, method: str, args, layers: int) -> dict[str
     dtype = getattr(torch, args.dtype)
     model = build(backbone, method.replace("+ckpt", ""), args.resolution, dtype, args.device, layers)
     pixels, labels = _inputs(backbone, args.resolution, args.batch, dtype, args.device)
-    parameters = {inner.untyped_storage().data_ptr() for p in model.parameters() for inner in _stored_tensors(p)}
+    stored = [inner for parameter in model.parameters() for inner in _stored_tensors(parameter)]
+    parameters = {tensor.untyped_storage().data_ptr() for tensor in stored}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -136,9 +137,7 @@ def tensor_bytes(backbone: Backbone, method: str, args, layers: int) -> dict[str
         model(pixel_values=pixels, labels=labels).loss.backward()
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {
-        "weights": sum(
-            inner.numel() * inner.element_size() for p in model.parameters() for inner in _stored_tensors(p)
-        ),
+        "weights": sum(tensor.numel() * tensor.element_size() for tensor in stored),
         "gradients": trainable,
         "optimizer": 2 * trainable,  # AdamW's two moments, in the parameters' dtype
         "activations": sum(saved.values()),
@@ -162,8 +161,8 @@ def flops(backbone: Backbone, method: str, args) -> float:
     """Multiply-adds of one training step: forward, input gradients, weight gradients where weights train, and a
     second forward of every layer with checkpointing (Rein's and LoRA's own FLOPs are a few percent; left out)."""
     tokens, hidden = backbone.tokens(args.resolution), backbone.hidden
-    mlp = 3 * hidden * 4 * hidden * 2 / 3 if backbone.family == "dinov2" else 2 * hidden * 4 * hidden  # SwiGLU
-    forward = args.batch * backbone.layers * (tokens * (4 * hidden**2 + mlp) + 2 * tokens**2 * hidden)
+    # attention 4 C^2; MLP 8 C^2, both ViT's (two C x 4C matrices) and DINOv2's SwiGLU (three C x 8C/3)
+    forward = args.batch * backbone.layers * (tokens * 12 * hidden**2 + 2 * tokens**2 * hidden)
     passes = 3 if method == "full" else 2
     return forward * (passes + (1 if "ckpt" in method else 0))
 

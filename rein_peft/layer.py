@@ -187,16 +187,12 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         content = self.rein_query_feat[adapter_name](queries) if adapter_name in self.rein_query_feat else queries
         return {QUERY_CONTENT: content, QUERY_POSITION: queries}
 
-    def _weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Every tensor the input-independent projections of an adapter depend on, by name."""
-        tensors = {
-            table: getattr(self, table)[adapter_name]
-            for table in ("rein_tokens", "rein_tokens_a", "rein_tokens_b", "rein_scale")
-            if adapter_name in getattr(self, table)
-        }
-        for linear in ("rein_token2feat", "rein_delta_f"):
-            tensors[f"{linear}.weight"] = getattr(self, linear)[adapter_name].weight
-            tensors[f"{linear}.bias"] = getattr(self, linear)[adapter_name].bias
+    def _weights(self, adapter_name: str) -> list[torch.Tensor]:
+        """Every tensor the input-independent projections of an adapter depend on."""
+        tables = [self.rein_tokens, self.rein_tokens_a, self.rein_tokens_b, self.rein_scale]
+        tensors = [table[adapter_name] for table in tables if adapter_name in table]
+        for linear in (self.rein_token2feat[adapter_name], self.rein_delta_f[adapter_name]):
+            tensors += [linear.weight, linear.bias]
         return tensors
 
     def _scale(self, adapter_name: str) -> torch.Tensor | float:
@@ -233,7 +229,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         with torch.autocast(self.device_anchor.device.type, enabled=False):
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return compute(adapter_name, *args)
-            weights = list(self._weights(adapter_name).values())
+            weights = self._weights(adapter_name)
             state = tuple((id(weight), weight.data_ptr(), weight._version) for weight in weights)
             cached = self.projection_cache.get(key)
             if cached is None or cached[0] != state:
@@ -272,7 +268,11 @@ class ReinLayer(nn.Module, BaseTunerLayer):
     def _check_weights(self, adapter_name: str) -> None:
         """Refuse adapter tensors that Rein cannot compute with: still sharded by FSDP2 when the layers run, or
         quantized (a backbone quantizer applied to the whole model)."""
-        for name, weight in self._weights(adapter_name).items():
+        for full_name, weight in self.named_parameters():
+            table, owner, *rest = full_name.split(".")  # e.g. "rein_token2feat", "default", "weight"
+            if owner != adapter_name:
+                continue
+            name = ".".join([table, *rest])
             if isinstance(weight, DTensor):
                 raise ValueError(
                     f"Rein's tensor '{name}' of adapter '{adapter_name}' is still sharded (a DTensor) while the "

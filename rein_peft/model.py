@@ -57,23 +57,20 @@ def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_na
     return args, {**kwargs, "adapter_names": adapter_names}
 
 
-def _execution_device(model: nn.Module, layer_name: str) -> torch.device:
+def _execution_device(layer: nn.Module) -> torch.device:
     """Where an encoder layer computes, and so where a new adapter belongs: the device of its parameters or, when
     accelerate has offloaded them (`device_map` with "disk" or "cpu" entries: they wait on the meta device), the
-    device accelerate's hook brings them to for each forward."""
-    layer = model.get_submodule(layer_name)
+    device accelerate's hook on the layer brings them to for each forward."""
     device = next(layer.parameters()).device
     if device.type != "meta":
         return device
-    parts = layer_name.split(".")
-    for end in range(len(parts), -1, -1):  # the layer first, then its ancestors up to the model
-        hook = getattr(model.get_submodule(".".join(parts[:end])), "_hf_hook", None)
-        if getattr(hook, "execution_device", None) is not None:
-            execution_device = hook.execution_device
-            if isinstance(execution_device, int):  # accelerate's name for a GPU index
-                return torch.device("cuda", execution_device)
-            return torch.device(execution_device)
-    return torch.device("cpu")
+    execution_device = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+    if execution_device is None:
+        return torch.device("cpu")
+    # accelerate names a GPU by its index
+    return (
+        torch.device("cuda", execution_device) if isinstance(execution_device, int) else torch.device(execution_device)
+    )
 
 
 def _keep_out_of_disk_offload(model: nn.Module, rein_layer_name: str, device: torch.device) -> None:
@@ -185,7 +182,7 @@ class ReinModel(BaseTuner):
         holder = model.get_submodule(targets.holder_name)
         rein_layer = getattr(holder, REIN_LAYER_ATTRIBUTE, None)
         if rein_layer is None:
-            rein_layer = ReinLayer(device=_execution_device(model, current_key))
+            rein_layer = ReinLayer(device=_execution_device(target))
             holder.add_module(REIN_LAYER_ATTRIBUTE, rein_layer)
             rein_layer_name = f"{targets.holder_name}.{REIN_LAYER_ATTRIBUTE}".lstrip(".")
             _keep_out_of_disk_offload(model, rein_layer_name, rein_layer.device_anchor.device)

@@ -37,7 +37,7 @@ def refuse_quantized_modules_to_save(model: nn.Module, module_names: list[str] |
     """Refuse `modules_to_save` whose weights are quantized: PEFT gives each adapter a copy, which trains or holds the
     adapter's saved weights, and a quantized copy can do neither."""
     for name, module in model.named_modules():
-        if not any(name == target or name.endswith(f".{target}") for target in module_names or []):
+        if not any(name.endswith(target) for target in module_names or []):  # PEFT's own matching: a plain suffix
             continue
         for tensor_name, tensor in module.named_parameters():
             if MODULES_TO_SAVE not in tensor_name.split(".") and is_quantized(tensor):
