@@ -1,0 +1,764 @@
+"""Domain generalization in miniature: train a segmenter on one visual style, measure it on styles it never saw.
+
+Rein's claim is about unseen domains: trained on synthetic GTAV, a frozen DINOv2 refined by Rein holds up on real
+Cityscapes better than the same backbone fine-tuned in full. Neither those weights nor those data sets can be
+downloaded here, so this script builds a faithful miniature and runs the same protocol on it:
+
+1. A "foundation" backbone: a small ViT pretrained without labels by masked-image modelling
+   (`ViTMAEForPreTraining`) on street-like scenes drawn in many random visual styles, then converted to a DINOv2
+   checkpoint (same blocks, layer scale 1). It is built once and cached under `--cache_dir`, in a folder named by
+   a hash of its recipe, with the recipe beside it.
+2. A segmentation task (sky, building, road, vegetation, vehicle) whose scenes share layout and classes across
+   styles: a flat-shaded "synthetic" source style to train on and six unseen target styles that differ from it the
+   way real images differ from synthetic ones: texture, palette, sensor noise, blur, lighting, and all of them
+   together ("real"). Each split is a `datasets.Dataset` of images and label maps, drawn from fixed seeds.
+3. For each method, with the same decoder (UperNet over a `Dinov2Backbone` fed by 4 layers), steps, batches and
+   optimiser (AdamW, poly schedule): the frozen backbone + decoder, PEFT LoRA, full fine-tuning, Rein full-rank and
+   Rein with lora_dim=16. Reports mIoU (`evaluate`'s mean IoU) on held-out source images and on each target style,
+   the mean over targets, trainable parameters and train time, over 3 seeds (mean and standard deviation).
+4. Writes a JSON of every number and a PNG chart (matplotlib, from the `bench` extra).
+
+    python benchmarks/domain_generalization.py            # the miniature: about 35 minutes on 2 CPU cores
+    python benchmarks/domain_generalization.py --quick    # a smoke run of the pipeline (minutes, numbers mean little)
+    python benchmarks/domain_generalization.py --backbone facebook/dinov2-small --device cuda \\
+        --image_size 224 --source ./gtav --target cityscapes=./cityscapes --target bdd=./bdd100k --num_labels 19
+
+`--backbone` takes any DINOv2 checkpoint (Hub name or folder) instead of the miniature one; `--source` and `--target`
+take `datasets` folders written by `save_to_disk` or Hub datasets, with an `image` column and a `label` column of
+label maps (ignore index 255); a dataset dict's "train" split is trained on and "validation" split (or the whole
+dataset) is evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image, ImageFilter
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    BitImageProcessorPil,
+    Dinov2Backbone,
+    Dinov2Config,
+    Dinov2Model,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+)
+
+import rein_peft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEAN_IOU = os.path.join(REPO, "examples", "metrics", "mean_iou.py")
+CLASS_NAMES = ("sky", "building", "road", "vegetation", "vehicle")
+SKY, BUILDING, ROAD, VEGETATION, VEHICLE = range(len(CLASS_NAMES))
+IGNORE_INDEX = 255
+
+# --- scenes: one layout, drawn in any style --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    labels: np.ndarray  # [H, W] class ids
+    instances: np.ndarray  # [H, W] instance ids; instance k has class instance_classes[k]
+    instance_classes: tuple[int, ...]
+
+
+def draw_layout(rng: np.random.Generator, side: int) -> Layout:
+    """A street: sky above a horizon, road below, buildings standing on the horizon, trees in front of them, and
+    vehicles on the road that grow with nearness (lower in the image). Later shapes cover earlier ones."""
+    rows, cols = np.mgrid[0:side, 0:side]
+    instances = np.zeros((side, side), dtype=np.int32)
+    classes = [SKY]
+    horizon = int(rng.uniform(0.35, 0.55) * side)
+
+    def paint(mask: np.ndarray, class_id: int) -> None:
+        instances[mask] = len(classes)
+        classes.append(class_id)
+
+    paint(rows >= horizon, ROAD)
+    for _ in range(int(rng.integers(2, 6))):
+        width = int(rng.uniform(0.12, 0.35) * side)
+        left = int(rng.integers(-width // 2, side - width // 2))
+        top = int(rng.uniform(0.08, 0.8) * horizon)
+        base = horizon + int(rng.integers(1, 4))
+        paint((cols >= left) & (cols < left + width) & (rows >= top) & (rows < base), BUILDING)
+    for _ in range(int(rng.integers(0, 4))):
+        radius = rng.uniform(0.06, 0.14) * side
+        center_col, center_row = rng.uniform(0, side), horizon - radius * rng.uniform(0.6, 1.2)
+        crown = (cols - center_col) ** 2 + ((rows - center_row) / 1.2) ** 2 <= radius**2
+        trunk = (np.abs(cols - center_col) <= max(1.0, radius / 5)) & (rows >= center_row) & (rows < horizon + 2)
+        paint(crown | trunk, VEGETATION)
+    bottoms = np.sort(rng.uniform(horizon + 0.12 * side, side + 0.05 * side, size=int(rng.integers(1, 5))))
+    for bottom in bottoms:  # far (high) vehicles first: near ones cover them
+        nearness = (bottom - horizon) / (side - horizon)
+        width = (0.18 + 0.22 * nearness) * side * rng.uniform(0.8, 1.2)
+        height = width * rng.uniform(0.4, 0.6)
+        left = rng.uniform(-0.2 * width, side - 0.8 * width)
+        body = (cols >= left) & (cols < left + width) & (rows >= bottom - height) & (rows < bottom)
+        cabin = (cols >= left + 0.2 * width) & (cols < left + 0.75 * width) & (rows >= bottom - 1.5 * height)
+        paint(body | (cabin & (rows < bottom - height)), VEHICLE)
+    instance_classes = tuple(classes)
+    return Layout(np.asarray(instance_classes)[instances].astype(np.uint8), instances, instance_classes)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a layout is drawn. Colors are RGB in [0, 1], one per class (`None`: a random color per instance)."""
+
+    colors: tuple[tuple[float, float, float] | None, ...]
+    instance_jitter: float = 0.04  # per-instance color spread
+    textures: tuple[str, ...] = ("flat",) * len(CLASS_NAMES)  # flat, stripes, checker, blotches, grain, gradient
+    texture_strength: float = 0.0
+    brightness: float = 1.0
+    contrast: float = 1.0
+    color_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    shadow: float = 0.0  # a left-to-right lighting gradient of this depth
+    blur: float = 0.0  # Gaussian blur radius, in pixels
+    noise: float = 0.0  # sensor noise standard deviation
+
+
+SYNTHETIC_COLORS = ((0.35, 0.6, 0.95), (0.62, 0.58, 0.52), (0.3, 0.3, 0.33), (0.2, 0.62, 0.22), (0.85, 0.12, 0.12))
+REAL_COLORS = ((0.78, 0.8, 0.83), (0.55, 0.33, 0.27), (0.47, 0.46, 0.43), (0.3, 0.36, 0.16), None)
+REAL_TEXTURES = ("gradient", "checker", "grain", "blotches", "stripes")
+SOURCE_STYLE = "synthetic"
+STYLES = {
+    SOURCE_STYLE: Style(SYNTHETIC_COLORS),
+    "texture": Style(SYNTHETIC_COLORS, textures=REAL_TEXTURES, texture_strength=0.22),
+    "palette": Style(REAL_COLORS, instance_jitter=0.08),
+    "noise": Style(SYNTHETIC_COLORS, noise=0.1),
+    "blur": Style(SYNTHETIC_COLORS, blur=1.5),
+    "lighting": Style(SYNTHETIC_COLORS, brightness=0.6, contrast=0.7, color_cast=(1.1, 0.9, 0.7), shadow=0.5),
+    "real": Style(
+        REAL_COLORS, 0.08, REAL_TEXTURES, 0.18, 0.8, 0.85, (1.05, 0.97, 0.9), shadow=0.3, blur=0.8, noise=0.04
+    ),
+}
+TEXTURE_KINDS = ("flat", "stripes", "checker", "blotches", "grain", "gradient")
+
+
+def texture_field(kind: str, rng: np.random.Generator, side: int) -> np.ndarray:
+    """A `[H, W]` pattern in about [-1, 1]."""
+    rows, cols = np.mgrid[0:side, 0:side] / side
+    if kind == "flat":
+        return np.zeros((side, side))
+    if kind == "stripes":
+        angle, period = rng.uniform(0, math.pi), rng.uniform(0.04, 0.15)
+        return np.sin(2 * math.pi * (cols * math.cos(angle) + rows * math.sin(angle)) / period)
+    if kind == "checker":
+        period = rng.uniform(0.05, 0.15)
+        return np.sign(np.sin(2 * math.pi * cols / period) * np.sin(2 * math.pi * rows / period))
+    if kind == "blotches":  # smooth noise: a coarse random grid, upsampled
+        coarse = Image.fromarray(rng.uniform(-1, 1, size=(6, 6)).astype(np.float32))
+        return np.asarray(coarse.resize((side, side), Image.BICUBIC)).astype(np.float64)
+    if kind == "grain":
+        return rng.uniform(-1, 1, size=(side, side))
+    if kind == "gradient":
+        return 1 - 2 * rows
+    raise ValueError(f"Unknown texture {kind!r}; use one of {TEXTURE_KINDS}.")
+
+
+def render(layout: Layout, style: Style, rng: np.random.Generator) -> Image.Image:
+    side = layout.labels.shape[0]
+    palette = np.empty((len(layout.instance_classes), 3))
+    for instance, class_id in enumerate(layout.instance_classes):
+        base = style.colors[class_id]
+        palette[instance] = rng.uniform(0.05, 0.95, size=3) if base is None else base
+    palette += rng.normal(0, style.instance_jitter, size=palette.shape)
+    pixels = palette[layout.instances]  # [H, W, 3]
+    if style.texture_strength:
+        for class_id, kind in enumerate(style.textures):
+            mask = layout.labels == class_id
+            if mask.any() and kind != "flat":
+                tint = rng.uniform(0.5, 1.0, size=3)
+                pixels[mask] += style.texture_strength * texture_field(kind, rng, side)[mask][:, None] * tint
+    pixels = (pixels - 0.5) * style.contrast + 0.5
+    lighting = style.brightness * (1 - style.shadow * np.linspace(0, 1, side)[None, :, None])
+    if rng.random() < 0.5:
+        lighting = lighting[:, ::-1]
+    pixels = pixels * lighting * np.asarray(style.color_cast)
+    image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    if style.blur:
+        image = image.filter(ImageFilter.GaussianBlur(style.blur))
+    if style.noise:
+        noisy = np.asarray(image) / 255 + rng.normal(0, style.noise, size=(side, side, 3))
+        image = Image.fromarray((np.clip(noisy, 0, 1) * 255).astype(np.uint8))
+    return image
+
+
+def random_style(rng: np.random.Generator) -> Style:
+    """The foundation data: every image in a style of its own (colors, textures, lighting, blur, noise)."""
+    return Style(
+        colors=tuple(tuple(rng.uniform(0.05, 0.95, size=3)) if rng.random() < 0.8 else None for _ in CLASS_NAMES),
+        instance_jitter=rng.uniform(0, 0.1),
+        textures=tuple(str(rng.choice(TEXTURE_KINDS)) for _ in CLASS_NAMES),
+        texture_strength=rng.uniform(0, 0.3),
+        brightness=rng.uniform(0.5, 1.2),
+        contrast=rng.uniform(0.6, 1.2),
+        color_cast=tuple(rng.uniform(0.75, 1.25, size=3)),
+        shadow=rng.uniform(0, 0.6),
+        blur=float(rng.choice([0.0, rng.uniform(0.3, 1.8)])),
+        noise=float(rng.choice([0.0, rng.uniform(0.01, 0.12)])),
+    )
+
+
+def scenes(style: Style | None, num_images: int, seed: int, side: int) -> datasets.Dataset:
+    """`num_images` scenes in `style` (`None`: a random style per image) as a dataset of images and label maps. The
+    layouts depend on `seed` alone: the same seed draws the same scenes in every style."""
+    layout_rng, style_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    images, label_maps = [], []
+    for _ in range(num_images):
+        layout = draw_layout(layout_rng, side)
+        images.append(render(layout, style or random_style(style_rng), style_rng))
+        label_maps.append(Image.fromarray(layout.labels))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": images, "label": label_maps}, features=features)
+
+
+# --- the "foundation" backbone: masked-image modelling on scenes in random styles, stored as a DINOv2 checkpoint -----
+
+
+@dataclass(frozen=True)
+class BackboneRecipe:
+    side: int = 64
+    patch: int = 8
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    mlp: int = 512
+    images: int = 20000  # scenes in random styles, drawn once
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 1.5e-3
+    mask_ratio: float = 0.75
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        """A hash of the recipe and of the code that draws the scenes and trains, naming the cached checkpoint."""
+        drawing = (draw_layout, render, random_style, texture_field, scenes)
+        code = "".join(inspect.getsource(function) for function in drawing)
+        code += inspect.getsource(pretrain_backbone) + inspect.getsource(mae_to_dinov2)
+        return hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + code).encode()).hexdigest()[:12]
+
+
+def image_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """`[N, 3, H, W]` uint8."""
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+
+
+def pretrain_backbone(recipe: BackboneRecipe, processor: BitImageProcessorPil, log_every: int = 500) -> nn.Module:
+    """`ViTMAEForPreTraining` (75% of patches masked, normalised-pixel loss) on `recipe.images` random-style scenes."""
+    torch.manual_seed(recipe.seed)
+    config = ViTMAEConfig(
+        image_size=recipe.side,
+        patch_size=recipe.patch,
+        hidden_size=recipe.hidden,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        intermediate_size=recipe.mlp,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=256,
+        mask_ratio=recipe.mask_ratio,
+        norm_pix_loss=True,
+    )
+    model = ViTMAEForPreTraining(config)
+    pool_seed = 1000 + recipe.seed  # other layouts than the task's (seeds 1 and 100)
+    pool = image_tensor(scenes(None, recipe.images, pool_seed, recipe.side)["image"])
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    warmup = max(1, recipe.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for step in range(recipe.steps):
+        batch = pool[torch.randint(len(pool), (recipe.batch,), generator=generator)].float() / 255
+        flip = torch.rand(recipe.batch, generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(-1)
+        loss = model(pixel_values=(batch - mean) / std).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        if (step + 1) % log_every == 0:
+            print(f"  pretraining step {step + 1}/{recipe.steps}: reconstruction loss {loss.item():.3f}", flush=True)
+    return model
+
+
+def mae_to_dinov2(mae: ViTMAEForPreTraining) -> Dinov2Model:
+    """The MAE encoder as a DINOv2 model: the same pre-norm blocks (layer scale 1, no mask token used), so that
+    `Dinov2Backbone` and every DINOv2 code path load it like any DINOv2 checkpoint."""
+    config = mae.config
+    dinov2 = Dinov2Model(
+        Dinov2Config(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            mlp_ratio=config.intermediate_size // config.hidden_size,  # the recipe keeps it a whole multiple
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            layer_norm_eps=config.layer_norm_eps,
+            layerscale_value=1.0,
+        )
+    )
+    renames = {"vit.": "", "layers.": "encoder.layer.", "layernorm_before": "norm1", "layernorm_after": "norm2"}
+    state = {}
+    for name, tensor in mae.state_dict().items():
+        if name.startswith("vit."):
+            for old, new in renames.items():
+                name = name.replace(old, new)
+            state[name] = tensor
+    missing, unexpected = dinov2.load_state_dict(state, strict=False)
+    if unexpected or any("layer_scale" not in name and name != "embeddings.mask_token" for name in missing):
+        raise RuntimeError(f"MAE -> DINOv2 conversion: unexpected {unexpected}, missing {missing}")
+    return dinov2
+
+
+def build_backbone(recipe: BackboneRecipe, cache_dir: str) -> str:
+    """The folder of the pretrained miniature backbone (a DINOv2 checkpoint with its image processor), built on first
+    use and then read from `cache_dir`."""
+    folder = os.path.join(cache_dir, f"mae-vit-{recipe.fingerprint()}")
+    if os.path.isfile(os.path.join(folder, "recipe.json")):
+        return folder
+    print(f"building the foundation backbone (once, cached in {folder})", flush=True)
+    start = time.perf_counter()
+    processor = BitImageProcessorPil(size={"height": recipe.side, "width": recipe.side}, do_center_crop=False)
+    mae_to_dinov2(pretrain_backbone(recipe, processor)).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with open(os.path.join(folder, "recipe.json"), "w") as file:  # written last: its presence marks a complete build
+        json.dump({**asdict(recipe), "seconds": time.perf_counter() - start}, file, indent=2)
+    return folder
+
+
+# --- the task: data, models, training, evaluation --------------------------------------------------------------------
+
+METHODS = ("frozen", "lora", "full", "rein", "rein_lora16")
+METHOD_NAMES = {
+    "frozen": "frozen backbone + decoder",
+    "lora": "PEFT LoRA (r=16, q/v)",
+    "full": "full fine-tuning",
+    "rein": "Rein (full-rank tokens)",
+    "rein_lora16": "Rein (lora_dim=16)",
+}
+DECODER = "decode_head"
+
+
+@dataclass
+class Task:
+    """What is trained on and measured: a train split, a held-out source split, and one split per target style."""
+
+    train: datasets.Dataset
+    source: datasets.Dataset
+    targets: dict[str, datasets.Dataset]
+    num_labels: int
+    class_names: list[str] = field(default_factory=list)
+    paired: bool = False  # each target holds the source's held-out scenes, in order, drawn in another style
+
+
+def miniature_task(train_images: int, eval_images: int, side: int) -> Task:
+    # the held-out scenes are the same layouts in every style: only the style differs between source and targets
+    targets = {name: scenes(style, eval_images, 100, side) for name, style in STYLES.items()}
+    source = targets.pop(SOURCE_STYLE)
+    train = scenes(STYLES[SOURCE_STYLE], train_images, 1, side)
+    return Task(train, source, targets, len(CLASS_NAMES), list(CLASS_NAMES), paired=True)
+
+
+def load_any_dataset(path_or_name: str) -> datasets.Dataset | datasets.DatasetDict:
+    if os.path.isdir(path_or_name):  # written by `save_to_disk`
+        return datasets.load_from_disk(path_or_name)
+    return datasets.load_dataset(path_or_name)
+
+
+def split_of(dataset: datasets.Dataset | datasets.DatasetDict, name: str, where: str) -> datasets.Dataset:
+    if isinstance(dataset, datasets.Dataset):
+        return dataset
+    if name in dataset:
+        return dataset[name]
+    if len(dataset) == 1:
+        return next(iter(dataset.values()))
+    raise SystemExit(f"{where} has no {name!r} split (splits: {list(dataset)}); save that split alone or rename it.")
+
+
+def user_task(args: argparse.Namespace) -> Task:
+    source = load_any_dataset(args.source)
+    if isinstance(source, datasets.DatasetDict) and "validation" in source:
+        train, held_out = split_of(source, "train", args.source), source["validation"]
+    else:
+        parts = split_of(source, "train", args.source).train_test_split(test_size=0.1, seed=0)
+        train, held_out = parts["train"], parts["test"]
+    targets = {}
+    for spec in args.target:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--target takes NAME=DATASET (e.g. cityscapes=./cityscapes), got {spec!r}.")
+        targets[name] = split_of(load_any_dataset(path), "validation", path)
+    if args.num_labels is None:
+        raise SystemExit("--num_labels is required with --source (the number of classes, without the ignore index).")
+    return Task(train, held_out, targets, args.num_labels, [f"class {index}" for index in range(args.num_labels)])
+
+
+def pixel_batches(dataset: datasets.Dataset, processor, side: int, num_labels: int) -> datasets.Dataset:
+    """The dataset read as model inputs: images resized to `side` and normalised by the backbone's processor, label
+    maps resized with nearest neighbour (which keeps them class ids) and checked against the classes."""
+    config = UperNetConfig(num_labels=num_labels)  # its ignore index (255) is the one the decoder's loss uses
+
+    def transform(batch: dict) -> dict:
+        images = [image.convert("RGB").resize((side, side), Image.BILINEAR) for image in batch["image"]]
+        pixel_values = processor(images=images, do_resize=False, do_center_crop=False, return_tensors="pt")
+        labels = torch.from_numpy(
+            np.stack([np.asarray(label.resize((side, side), Image.NEAREST)) for label in batch["label"]])
+        ).long()
+        rein_peft.check_label_maps(labels, config)
+        return {"pixel_values": pixel_values["pixel_values"], "labels": labels}
+
+    return dataset.with_transform(transform)
+
+
+def segmenter(backbone_path: str, task: Task, decoder_channels: int, seed: int) -> UperNetForSemanticSegmentation:
+    """UperNet (decoder initialised from `seed`) over a `Dinov2Backbone` with the checkpoint's weights, fed by the
+    outputs of 4 evenly spaced layers without the final norm, as the official Rein features are taken."""
+    num_layers = AutoConfig.from_pretrained(backbone_path).num_hidden_layers
+    layers = sorted({max(1, round(num_layers * (index + 1) / 4)) for index in range(4)})
+    backbone_kwargs = {"out_features": [f"stage{layer}" for layer in layers], "apply_layernorm": False}
+    backbone_kwargs["reshape_hidden_states"] = True
+    config = UperNetConfig(
+        backbone_config=Dinov2Config.from_pretrained(backbone_path, **backbone_kwargs),
+        hidden_size=decoder_channels,
+        pool_scales=[1, 2, 4],
+        use_auxiliary_head=False,
+        num_labels=task.num_labels,
+        id2label=dict(enumerate(task.class_names)),
+    )
+    torch.manual_seed(seed)
+    model = UperNetForSemanticSegmentation(config)
+    model.backbone.load_state_dict(Dinov2Backbone.from_pretrained(backbone_path, **backbone_kwargs).state_dict())
+    return model
+
+
+def prepare(model: UperNetForSemanticSegmentation, method: str, seed: int) -> nn.Module:
+    """The model as `method` trains it: what is trainable, and the adapter (created from `seed`) where there is one."""
+    torch.manual_seed(seed)
+    if method == "full":
+        return model
+    if method == "frozen":
+        model.backbone.requires_grad_(False)
+        return model
+    if method == "lora":  # PEFT's recipe for ViTs: r=16 on the attention's query and value projections
+        config = LoraConfig(
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            target_modules=r"backbone\.encoder\.layer\.\d+\.attention\.(q_proj|v_proj)",
+            modules_to_save=[DECODER],
+        )
+        return get_peft_model(model, config)
+    lora_dim = 16 if method == "rein_lora16" else None
+    return get_peft_model(model, rein_peft.ReinConfig(lora_dim=lora_dim, modules_to_save=[DECODER]))
+
+
+def optimizer_for(model: nn.Module, method: str, args: argparse.Namespace) -> torch.optim.AdamW:
+    """Rein's optimiser recipe (AdamW, no decay on tokens, scales, biases and norms) for every method; full
+    fine-tuning gives the pretrained backbone `args.backbone_lr_multiplier` times the learning rate."""
+    groups = rein_peft.rein_parameter_groups(model, args.weight_decay)
+    if method == "full":
+        backbone = {id(param) for param in model.backbone.parameters()}
+        groups = [
+            {**group, "params": params, "lr": args.lr * (args.backbone_lr_multiplier if in_backbone else 1.0)}
+            for group in groups
+            for in_backbone in (True, False)
+            if (params := [param for param in group["params"] if (id(param) in backbone) == in_backbone])
+        ]
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def train(model: nn.Module, method: str, data: datasets.Dataset, args: argparse.Namespace, seed: int) -> float:
+    """`args.steps` AdamW steps with a poly schedule (power 0.9) on random horizontally flipped batches; the
+    batches depend on `seed` only, so every method sees the same ones. Returns the seconds taken."""
+    optimizer = optimizer_for(model, method, args)
+    schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.steps, power=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        indices = torch.randint(len(data), (args.batch_size,), generator=generator).tolist()
+        batch = data[indices]
+        flip = torch.rand(args.batch_size, generator=generator) < 0.5
+        pixel_values, labels = batch["pixel_values"], batch["labels"]
+        pixel_values[flip], labels[flip] = pixel_values[flip].flip(-1), labels[flip].flip(-1)
+        loss = model(pixel_values=pixel_values.to(args.device), labels=labels.to(args.device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        if (step + 1) % max(1, args.steps // 4) == 0:
+            print(f"    step {step + 1}/{args.steps}: loss {loss.item():.3f}", flush=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def mean_iou(model: nn.Module, data: datasets.Dataset, num_labels: int, device: str, batch_size: int = 50) -> float:
+    model.eval()
+    metric = evaluate.load(MEAN_IOU)
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        logits = model(pixel_values=batch["pixel_values"].to(device)).logits  # [B, K, h, w]
+        labels = batch["labels"]
+        logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear")
+        metric.add_batch(predictions=logits.argmax(1).cpu().numpy(), references=labels.numpy())
+    return float(metric.compute(num_labels=num_labels, ignore_index=IGNORE_INDEX)["mean_iou"])
+
+
+@torch.no_grad()
+def feature_similarity(
+    model: nn.Module, source: datasets.Dataset, target: datasets.Dataset, device: str, batch_size: int = 50
+) -> float:
+    """Mean cosine similarity, over patches, between the deepest features the decoder reads for the same scenes drawn
+    in the source style and in a target style: 1.0 means that the backbone, as trained, does not see the style."""
+    backbone = (model.get_base_model() if isinstance(model, PeftModel) else model).backbone
+    backbone.eval()
+    similarities = []
+    for start in range(0, len(source), batch_size):
+        features = [
+            backbone(pixel_values=split[start : start + batch_size]["pixel_values"].to(device)).feature_maps[-1]
+            for split in (source, target)
+        ]  # two [B, C, h, w]
+        similarities.append(nn.functional.cosine_similarity(*features, dim=1).flatten())
+    return torch.cat(similarities).mean().item()
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------------------
+
+REAL_IMAGE_SIZE = 224  # for a checkpoint named by --backbone, unless --image_size says otherwise
+QUICK = {"train_images": 64, "eval_images": 16, "steps": 4, "batch_size": 8, "seeds": [0]}
+QUICK_RECIPE = BackboneRecipe(hidden=32, layers=2, heads=2, mlp=64, images=64, steps=4, batch=16)
+
+
+def run_one(method: str, seed: int, backbone_path: str, task: Task, data: dict, args: argparse.Namespace) -> dict:
+    model = prepare(segmenter(backbone_path, task, args.decoder_channels, seed), method, seed).to(args.device)
+    trainable = {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}
+    seconds = train(model, method, data["train"], args, seed)
+    source = mean_iou(model, data["source"], task.num_labels, args.device)
+    targets = {name: mean_iou(model, split, task.num_labels, args.device) for name, split in data["targets"].items()}
+    similarity = {}
+    if task.paired:
+        for name, split in data["targets"].items():
+            similarity[name] = feature_similarity(model, data["source"], split, args.device)
+    return {
+        "method": method,
+        "seed": seed,
+        "trainable_params": sum(trainable.values()),
+        "trainable_backbone_params": sum(count for name, count in trainable.items() if DECODER not in name),
+        "train_seconds": seconds,
+        "source_miou": source,
+        "target_miou": targets,
+        "target_mean_miou": statistics.fmean(targets.values()) if targets else float("nan"),
+        "feature_similarity": similarity,
+    }
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(runs: list[dict], methods: list[str], target_names: list[str]) -> dict:
+    """Mean and standard deviation over seeds of every figure, per method."""
+    summary = {}
+    for method in methods:
+        mine = [run for run in runs if run["method"] == method]
+        summary[method] = {
+            "trainable_params": mine[0]["trainable_params"],
+            "trainable_backbone_params": mine[0]["trainable_backbone_params"],
+            "train_seconds": spread([run["train_seconds"] for run in mine]),
+            "source_miou": spread([run["source_miou"] for run in mine]),
+            "target_miou": {name: spread([run["target_miou"][name] for run in mine]) for name in target_names},
+            "target_mean_miou": spread([run["target_mean_miou"] for run in mine]),
+            "feature_similarity": {
+                name: spread([run["feature_similarity"][name] for run in mine])
+                for name in mine[0]["feature_similarity"]
+            },
+        }
+    return summary
+
+
+def print_table(result: dict) -> None:
+    """The results as Markdown tables: mIoU per method, and (for paired styles) the feature similarity."""
+    targets, summary = result["target_names"], result["summary"]
+    print(f"\nmIoU (%) trained on {result['source_name']!r}, mean ± std over seeds {result['settings']['seeds']}\n")
+    _markdown_row(["method", "trainable (backbone)", "source", *targets, "target mean", "train s"])
+    _markdown_row(["---"] * (len(targets) + 5))
+    for method, row in summary.items():
+        cells = [METHOD_NAMES[method], f"{row['trainable_params']:,} ({row['trainable_backbone_params']:,})"]
+        cells += [_percent(row["source_miou"]), *(_percent(row["target_miou"][name]) for name in targets)]
+        _markdown_row([*cells, _percent(row["target_mean_miou"]), f"{row['train_seconds']['mean']:.0f}"])
+    if any(row["feature_similarity"] for row in summary.values()):
+        print("\ncosine similarity of the deepest decoder input, same scenes in source vs target style (mean)\n")
+        _markdown_row(["method", *targets])
+        _markdown_row(["---"] * (len(targets) + 1))
+        for method, row in summary.items():
+            similarity = row["feature_similarity"]
+            _markdown_row([METHOD_NAMES[method], *(f"{similarity[name]['mean']:.3f}" for name in targets)])
+
+
+def _markdown_row(cells: list[str]) -> None:
+    print("| " + " | ".join(cells) + " |")
+
+
+def _percent(figure: dict) -> str:
+    return f"{100 * figure['mean']:.1f} ± {100 * figure['std']:.1f}"
+
+
+LABEL_COLORS = np.array([[70, 130, 240], [150, 140, 120], [80, 80, 80], [40, 160, 40], [220, 30, 30]], np.uint8)
+
+
+def preview_styles(path: str, num_scenes: int = 6, side: int = 64) -> None:
+    """One row per style of the same held-out scenes, and their label maps below."""
+    rows = []
+    for style in STYLES.values():
+        rows.append(np.concatenate([np.asarray(image) for image in scenes(style, num_scenes, 100, side)["image"]], 1))
+    labels = scenes(STYLES[SOURCE_STYLE], num_scenes, 100, side)["label"]
+    rows.append(np.concatenate([LABEL_COLORS[np.asarray(label)] for label in labels], 1))
+    grid = Image.fromarray(np.concatenate(rows, 0))
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ["source", *result["target_names"], "target mean"]
+    figure, axis = plt.subplots(figsize=(2 + 1.3 * len(columns), 4.5))
+    width = 0.8 / len(result["summary"])
+    for index, (method, row) in enumerate(result["summary"].items()):
+        figures = [row["source_miou"], *(row["target_miou"][name] for name in result["target_names"])]
+        figures.append(row["target_mean_miou"])
+        positions = np.arange(len(columns)) + (index - (len(result["summary"]) - 1) / 2) * width
+        axis.bar(
+            positions,
+            [100 * figure["mean"] for figure in figures],
+            width,
+            yerr=[100 * figure["std"] for figure in figures],
+            capsize=2,
+            label=f"{METHOD_NAMES[method]} ({row['trainable_backbone_params']:,} backbone params)",
+        )
+    axis.set_xticks(np.arange(len(columns)), columns)
+    axis.set_ylabel("mIoU (%)")
+    axis.set_title(f"Trained on '{result['source_name']}', evaluated on unseen styles ({result['backbone']})")
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> dict:
+    recipe = QUICK_RECIPE if args.quick else BackboneRecipe()
+    if args.backbone is None:
+        backbone_path = build_backbone(recipe, args.cache_dir)
+        backbone_name = f"MAE-pretrained miniature ViT ({recipe.layers} layers, width {recipe.hidden})"
+    else:
+        backbone_path = backbone_name = args.backbone
+    side = args.image_size or (recipe.side if args.backbone is None else REAL_IMAGE_SIZE)
+    if args.source is None:
+        task, source_name = miniature_task(args.train_images, args.eval_images, side), SOURCE_STYLE
+    else:
+        task, source_name = user_task(args), args.source
+    processor = AutoImageProcessor.from_pretrained(backbone_path)
+    data = {
+        "train": pixel_batches(task.train, processor, side, task.num_labels),
+        "source": pixel_batches(task.source, processor, side, task.num_labels),
+        "targets": {
+            name: pixel_batches(split, processor, side, task.num_labels) for name, split in task.targets.items()
+        },
+    }
+    runs = []
+    for seed in args.seeds:
+        for method in args.methods:
+            print(f"{METHOD_NAMES[method]}, seed {seed}", flush=True)
+            runs.append(run_one(method, seed, backbone_path, task, data, args))
+            print(
+                f"  source {100 * runs[-1]['source_miou']:.1f}, unseen styles {100 * runs[-1]['target_mean_miou']:.1f}"
+                f" ({runs[-1]['train_seconds']:.0f} s)",
+                flush=True,
+            )
+    return {
+        "backbone": backbone_name,
+        "backbone_recipe": asdict(recipe) if args.backbone is None else None,
+        "source_name": source_name,
+        "target_names": list(task.targets),
+        "settings": {key: value for key, value in vars(args).items() if key not in ("output", "cache_dir")},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "runs": runs,
+        "summary": summarize(runs, args.methods, list(task.targets)),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny backbone and task, to check the pipeline")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3, help="of the decoder and the adapters")
+    parser.add_argument("--backbone_lr_multiplier", type=float, default=0.1, help="full fine-tuning's backbone lr")
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--decoder_channels", type=int, default=64, help="UperNet's width")
+    parser.add_argument("--train_images", type=int, default=2000, help="miniature source images to train on")
+    parser.add_argument("--eval_images", type=int, default=200, help="miniature images per evaluated style")
+    parser.add_argument("--backbone", help="a DINOv2 checkpoint (Hub name or folder) instead of the miniature one")
+    parser.add_argument("--image_size", type=int, help="side images are resized to (default: the miniature's 64)")
+    parser.add_argument("--source", help="dataset to train on (folder from save_to_disk, or Hub name)")
+    parser.add_argument("--target", action="append", default=[], help="NAME=DATASET to evaluate on (repeatable)")
+    parser.add_argument("--num_labels", type=int, help="classes of --source and --target datasets")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rein_peft"))
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.target and args.source is None:
+        parser.error("--target needs --source: the dataset to train on")
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()  # `datasets` cannot hash the transform; it only means no caching
+    warnings.filterwarnings("ignore", message="Cannot (locate reference|pickle)")  # dill, while it tries
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # PEFT 0.21 asks transformers 5
+    result = run(args)
+    print_table(result)
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, "domain_generalization" + ("_quick" if args.quick else ""))
+    with open(stem + ".json", "w") as file:
+        json.dump(result, file, indent=2)
+    plot(result, stem + ".png")
+    print(f"\nwrote {stem}.json and {stem}.png")
+    if args.source is None:
+        preview_styles(stem + "_styles.png")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

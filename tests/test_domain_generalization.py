@@ -1,0 +1,114 @@
+"""The domain-generalization benchmark: its pipeline end to end (`--quick`, not its numbers), the user path (a DINOv2
+checkpoint folder and `datasets` folders, as real checkpoints and data sets take), and the parts its claims rest on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BitImageProcessorPil,
+    Dinov2Config,
+    Dinov2Model,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+    ViTMAEModel,
+)
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import domain_generalization as dg  # noqa: E402
+
+TARGET_STYLES = ["texture", "palette", "noise", "blur", "lighting", "real"]
+
+
+def _run_quick(cache: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCHMARKS / "domain_generalization.py"), "--quick", *flags]
+    command += ["--cache_dir", str(cache), "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_quick_run_reports_every_method_and_style_and_caches_the_backbone(tmp_path):
+    first = _run_quick(tmp_path / "cache", tmp_path / "out")
+    assert "building the foundation backbone" in first.stdout
+    results = json.loads((tmp_path / "out" / "domain_generalization_quick.json").read_text())
+    assert (tmp_path / "out" / "domain_generalization_quick.png").stat().st_size > 0
+    assert results["target_names"] == TARGET_STYLES and results["source_name"] == "synthetic"
+    assert [run["method"] for run in results["runs"]] == list(dg.METHODS)
+    for run in results["runs"]:
+        figures = [run["source_miou"], *run["target_miou"].values()]
+        assert all(0 <= figure <= 1 for figure in figures) and run["train_seconds"] > 0
+        assert run["target_mean_miou"] == pytest.approx(np.mean(list(run["target_miou"].values())))
+    backbone = {method: row["trainable_backbone_params"] for method, row in results["summary"].items()}
+    assert backbone["frozen"] == 0 < backbone["rein_lora16"] < backbone["rein"] < backbone["full"]
+    assert 0 < backbone["lora"] < backbone["full"]
+    decoder = {row["trainable_params"] - row["trainable_backbone_params"] for row in results["summary"].values()}
+    assert len(decoder) == 1  # the same decoder for every method
+
+    (folder,) = (tmp_path / "cache").iterdir()  # named by the recipe's hash, the recipe written beside the weights
+    assert json.loads((folder / "recipe.json").read_text())["steps"] == dg.QUICK_RECIPE.steps
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "dinov2"
+    second = _run_quick(tmp_path / "cache", tmp_path / "again", "--methods", "rein")
+    assert "building the foundation backbone" not in second.stdout
+
+
+def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path):
+    """The path of `--backbone facebook/dinov2-small --source ./gtav --target cityscapes=./cityscapes`."""
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8)
+    Dinov2Model(config).save_pretrained(tmp_path / "backbone")
+    BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "backbone")
+    source = datasets.DatasetDict({"train": dg.scenes(dg.STYLES["synthetic"], 24, 1, 48)})
+    source["validation"] = dg.scenes(dg.STYLES["synthetic"], 6, 2, 48)
+    source.save_to_disk(tmp_path / "gtav")
+    dg.scenes(dg.STYLES["real"], 6, 2, 48).save_to_disk(tmp_path / "cityscapes")
+    flags = ["--backbone", str(tmp_path / "backbone"), "--image_size", "32", "--num_labels", "5"]
+    flags += ["--source", str(tmp_path / "gtav"), "--methods", "frozen", "rein", "--seeds", "0", "1"]
+    flags += ["--steps", "2", "--batch_size", "4", "--output", str(tmp_path / "out")]
+    results = dg.main([*flags, "--target", f"cityscapes={tmp_path / 'cityscapes'}"])
+    assert results["backbone"] == str(tmp_path / "backbone") and results["target_names"] == ["cityscapes"]
+    assert results["backbone_recipe"] is None and len(results["runs"]) == 4
+    rein = results["summary"]["rein"]
+    assert set(rein["target_miou"]) == {"cityscapes"} and rein["source_miou"]["std"] >= 0
+    assert (tmp_path / "out" / "domain_generalization.png").stat().st_size > 0
+
+    with pytest.raises(SystemExit, match="NAME=DATASET"):
+        dg.main([*flags, "--target", str(tmp_path / "cityscapes")])
+
+
+def test_mae_encoder_becomes_the_same_dinov2_model():
+    torch.manual_seed(0)
+    config = ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    mae = ViTMAEForPreTraining(config).eval()
+    dinov2 = dg.mae_to_dinov2(mae).eval()
+    config.mask_ratio = 0.0  # the encoder sees every patch, in order (sorted noise)
+    encoder = ViTMAEModel(config).eval()
+    encoder.load_state_dict({name[4:]: value for name, value in mae.state_dict().items() if name.startswith("vit.")})
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = encoder(pixels, noise=torch.arange(16.0).expand(2, 16)).last_hidden_state
+        assert torch.allclose(dinov2(pixels).last_hidden_state, expected, atol=1e-6)
+
+
+def test_styles_share_the_layouts_and_differ_in_pixels():
+    synthetic, real = dg.scenes(dg.STYLES["synthetic"], 8, 5, 32), dg.scenes(dg.STYLES["real"], 8, 5, 32)
+    labels = np.stack([np.asarray(label) for label in synthetic["label"]])
+    assert np.array_equal(labels, np.stack([np.asarray(label) for label in real["label"]]))
+    assert set(np.unique(labels)) == set(range(len(dg.CLASS_NAMES)))
+    pixels = [np.stack([np.asarray(image, float) for image in split["image"]]) for split in (synthetic, real)]
+    assert np.abs(pixels[0] - pixels[1]).mean(axis=(1, 2, 3)).min() > 10  # of 255
+
+
+def test_the_cache_is_named_by_the_recipe():
+    recipe = dg.BackboneRecipe()
+    assert recipe.fingerprint() == dg.BackboneRecipe().fingerprint()
+    assert recipe.fingerprint() != dg.BackboneRecipe(steps=recipe.steps + 1).fingerprint()
