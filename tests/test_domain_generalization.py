@@ -58,6 +58,12 @@ def test_quick_run_reports_every_method_and_style_and_caches_the_backbone(tmp_pa
     assert json.loads((folder / "config.json").read_text())["model_type"] == "dinov2"
     second = _run_quick(tmp_path / "cache", tmp_path / "again", "--methods", "rein")
     assert "building the foundation backbone" not in second.stdout
+    invariant = _run_quick(
+        tmp_path / "cache", tmp_path / "invariant", "--foundation", "mae+invariance", "--methods", "frozen"
+    )
+    assert "building the foundation backbone" in invariant.stdout  # another recipe, another folder
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert (tmp_path / "invariant" / "domain_generalization_invariance_quick.json").is_file()
 
 
 def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path):
