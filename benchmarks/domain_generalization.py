@@ -79,7 +79,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN_IOU = os.path.join(REPO, "examples", "metrics", "mean_iou.py")
 CLASS_NAMES = ("sky", "building", "road", "vegetation", "vehicle")
 SKY, BUILDING, ROAD, VEGETATION, VEHICLE = range(len(CLASS_NAMES))
-IGNORE_INDEX = 255
 
 # --- scenes: one layout, drawn in any style --------------------------------------------------------------------------
 
@@ -451,10 +450,9 @@ def user_task(args: argparse.Namespace) -> Task:
     return Task(train, held_out, targets, args.num_labels, [f"class {index}" for index in range(args.num_labels)])
 
 
-def pixel_batches(dataset: datasets.Dataset, processor, side: int, num_labels: int) -> datasets.Dataset:
+def pixel_batches(dataset: datasets.Dataset, processor, side: int, config: UperNetConfig) -> datasets.Dataset:
     """The dataset read as model inputs: images resized to `side` and normalised by the backbone's processor, label
     maps resized with nearest neighbour (which keeps them class ids) and checked against the classes."""
-    config = UperNetConfig(num_labels=num_labels)  # its ignore index (255) is the one the decoder's loss uses
 
     def transform(batch: dict) -> dict:
         images = [image.convert("RGB").resize((side, side), Image.BILINEAR) for image in batch["image"]]
@@ -468,24 +466,33 @@ def pixel_batches(dataset: datasets.Dataset, processor, side: int, num_labels: i
     return dataset.with_transform(transform)
 
 
-def segmenter(backbone_path: str, task: Task, decoder_channels: int, seed: int) -> UperNetForSemanticSegmentation:
-    """UperNet (decoder initialised from `seed`) over a `Dinov2Backbone` with the checkpoint's weights, fed by the
-    outputs of 4 evenly spaced layers without the final norm, as the official Rein features are taken."""
+def segmenter_config(backbone_path: str, task: Task, decoder_channels: int) -> UperNetConfig:
+    """UperNet over a `Dinov2Backbone` shaped like the checkpoint, fed by the outputs of 4 evenly spaced layers
+    without the final norm, as the official Rein features are taken."""
     num_layers = AutoConfig.from_pretrained(backbone_path).num_hidden_layers
     layers = sorted({max(1, round(num_layers * (index + 1) / 4)) for index in range(4)})
-    backbone_kwargs = {"out_features": [f"stage{layer}" for layer in layers], "apply_layernorm": False}
-    backbone_kwargs["reshape_hidden_states"] = True
-    config = UperNetConfig(
-        backbone_config=Dinov2Config.from_pretrained(backbone_path, **backbone_kwargs),
+    backbone_config = Dinov2Config.from_pretrained(
+        backbone_path,
+        out_features=[f"stage{layer}" for layer in layers],
+        apply_layernorm=False,
+        reshape_hidden_states=True,
+    )
+    return UperNetConfig(
+        backbone_config=backbone_config,
         hidden_size=decoder_channels,
         pool_scales=[1, 2, 4],
         use_auxiliary_head=False,
         num_labels=task.num_labels,
         id2label=dict(enumerate(task.class_names)),
     )
+
+
+def segmenter(config: UperNetConfig, backbone_path: str, seed: int) -> UperNetForSemanticSegmentation:
+    """The segmenter with the decoder initialised from `seed` and the checkpoint's backbone weights."""
     torch.manual_seed(seed)
     model = UperNetForSemanticSegmentation(config)
-    model.backbone.load_state_dict(Dinov2Backbone.from_pretrained(backbone_path, **backbone_kwargs).state_dict())
+    backbone = Dinov2Backbone.from_pretrained(backbone_path, config=config.backbone_config)
+    model.backbone.load_state_dict(backbone.state_dict())
     return model
 
 
@@ -550,7 +557,7 @@ def train(model: nn.Module, method: str, data: datasets.Dataset, args: argparse.
 
 
 @torch.no_grad()
-def mean_iou(model: nn.Module, data: datasets.Dataset, num_labels: int, device: str, batch_size: int = 50) -> float:
+def mean_iou(model: nn.Module, data: datasets.Dataset, device: str, batch_size: int = 50) -> float:
     model.eval()
     metric = evaluate.load(MEAN_IOU)
     for start in range(0, len(data), batch_size):
@@ -559,7 +566,9 @@ def mean_iou(model: nn.Module, data: datasets.Dataset, num_labels: int, device: 
         labels = batch["labels"]
         logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear")
         metric.add_batch(predictions=logits.argmax(1).cpu().numpy(), references=labels.numpy())
-    return float(metric.compute(num_labels=num_labels, ignore_index=IGNORE_INDEX)["mean_iou"])
+    config = model.config  # the segmenter's (a PeftModel hands over its base model's)
+    ignore_index = rein_peft.segmentation_ignore_index(config)
+    return float(metric.compute(num_labels=config.num_labels, ignore_index=ignore_index)["mean_iou"])
 
 
 @torch.no_grad()
@@ -590,12 +599,14 @@ QUICK_RECIPE = BackboneRecipe(hidden=32, layers=2, heads=2, mlp=64, images=64, s
 FOUNDATIONS = {"mae": BackboneRecipe(), "mae+invariance": BackboneRecipe(batch=32, invariance=1.0)}
 
 
-def run_one(method: str, seed: int, backbone_path: str, task: Task, data: dict, args: argparse.Namespace) -> dict:
-    model = prepare(segmenter(backbone_path, task, args.decoder_channels, seed), method, seed).to(args.device)
+def run_one(
+    method: str, seed: int, config: UperNetConfig, backbone_path: str, task: Task, data: dict, args: argparse.Namespace
+) -> dict:
+    model = prepare(segmenter(config, backbone_path, seed), method, seed).to(args.device)
     trainable = {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}
     seconds = train(model, method, data["train"], args, seed)
-    source = mean_iou(model, data["source"], task.num_labels, args.device)
-    targets = {name: mean_iou(model, split, task.num_labels, args.device) for name, split in data["targets"].items()}
+    source = mean_iou(model, data["source"], args.device)
+    targets = {name: mean_iou(model, split, args.device) for name, split in data["targets"].items()}
     similarity = {}
     if task.paired:
         for name, split in data["targets"].items():
@@ -722,18 +733,17 @@ def run(args: argparse.Namespace) -> dict:
     else:
         task, source_name = user_task(args), args.source
     processor = AutoImageProcessor.from_pretrained(backbone_path)
+    config = segmenter_config(backbone_path, task, args.decoder_channels)
     data = {
-        "train": pixel_batches(task.train, processor, side, task.num_labels),
-        "source": pixel_batches(task.source, processor, side, task.num_labels),
-        "targets": {
-            name: pixel_batches(split, processor, side, task.num_labels) for name, split in task.targets.items()
-        },
+        "train": pixel_batches(task.train, processor, side, config),
+        "source": pixel_batches(task.source, processor, side, config),
+        "targets": {name: pixel_batches(split, processor, side, config) for name, split in task.targets.items()},
     }
     runs = []
     for seed in args.seeds:
         for method in args.methods:
             print(f"{METHOD_NAMES[method]}, seed {seed}", flush=True)
-            runs.append(run_one(method, seed, backbone_path, task, data, args))
+            runs.append(run_one(method, seed, config, backbone_path, task, data, args))
             print(
                 f"  source {100 * runs[-1]['source_miou']:.1f}, unseen styles {100 * runs[-1]['target_mean_miou']:.1f}"
                 f" ({runs[-1]['train_seconds']:.0f} s)",
