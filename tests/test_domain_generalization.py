@@ -47,6 +47,8 @@ def test_quick_run_reports_every_method_and_style_and_caches_the_backbone(tmp_pa
         figures = [run["source_miou"], *run["target_miou"].values()]
         assert all(0 <= figure <= 1 for figure in figures) and run["train_seconds"] > 0
         assert run["target_mean_miou"] == pytest.approx(np.mean(list(run["target_miou"].values())))
+        assert list(run["feature_similarity"]) == TARGET_STYLES  # paired styles: the diagnostic is measured
+        assert all(-1 <= value <= 1 for value in run["feature_similarity"].values())
     backbone = {method: row["trainable_backbone_params"] for method, row in results["summary"].items()}
     assert backbone["frozen"] == 0 < backbone["rein_lora16"] < backbone["rein"] < backbone["full"]
     assert 0 < backbone["lora"] < backbone["full"]
@@ -83,6 +85,7 @@ def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path)
     assert results["backbone_recipe"] is None and len(results["runs"]) == 4
     rein = results["summary"]["rein"]
     assert set(rein["target_miou"]) == {"cityscapes"} and rein["source_miou"]["std"] >= 0
+    assert rein["feature_similarity"] == {}  # unpaired datasets: no scene-by-scene comparison
     assert (tmp_path / "out" / "domain_generalization.png").stat().st_size > 0
 
     with pytest.raises(SystemExit, match="NAME=DATASET"):
@@ -103,6 +106,22 @@ def test_mae_encoder_becomes_the_same_dinov2_model():
     with torch.no_grad():
         expected = encoder(pixels, noise=torch.arange(16.0).expand(2, 16)).last_hidden_state
         assert torch.allclose(dinov2(pixels).last_hidden_state, expected, atol=1e-6)
+
+
+def test_feature_similarity_is_one_for_the_same_images_and_lower_across_styles(tmp_path):
+    Dinov2Model(
+        Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+    ).save_pretrained(tmp_path)
+    BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path)
+    task = dg.miniature_task(train_images=4, eval_images=6, side=32)
+    config = dg.segmenter_config(str(tmp_path), task, decoder_channels=16)
+    processor = BitImageProcessorPil.from_pretrained(tmp_path)
+    source, palette = (
+        dg.pixel_batches(split, processor, 32, config) for split in (task.source, task.targets["palette"])
+    )
+    model = dg.segmenter(config, str(tmp_path), seed=0)
+    assert dg.feature_similarity(model, source, source, "cpu") == pytest.approx(1.0, abs=1e-5)
+    assert dg.feature_similarity(model, source, palette, "cpu") < 0.99
 
 
 def test_styles_share_the_layouts_and_differ_in_pixels():
