@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import ReinConfig
+from .rollback import unchanged_on_failure
 
 # official tensor name (after "reins.") -> rein_peft tensor name
 OFFICIAL_TO_REIN_PEFT = {
@@ -98,12 +99,13 @@ def convert_official_checkpoint(
     """
     tensors = _load_official_state_dict(checkpoint)
     config = config_from_official(tensors, **config_kwargs)
-    peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
     adapter_state_dict = {
         OFFICIAL_TO_REIN_PEFT[name]: tensor.reshape(1) if name == "scale" else tensor
         for name, tensor in tensors.items()
     }
-    set_peft_model_state_dict(peft_model, adapter_state_dict, adapter_name=adapter_name)
+    with unchanged_on_failure(base_model):  # a checkpoint for another backbone leaves `base_model` as it was
+        peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
+        set_peft_model_state_dict(peft_model, adapter_state_dict, adapter_name=adapter_name)
     if output_dir is not None:
         peft_model.save_pretrained(output_dir, selected_adapters=[adapter_name])
     return peft_model
