@@ -14,6 +14,13 @@ Nothing here is a list of known paths. The rules, in order:
   DeiT 2, DINOv2 with registers 1 + R, SigLIP 0. Any other learned `*_token(s)` there (YOLOS's detection tokens,
   which go at the end) is an error that asks for `num_prefix_tokens`; `mask_token` replaces patches and is ignored;
 - layout: batch-first unless the layer holds a torch `nn.MultiheadAttention` built with `batch_first=False`;
+- channels-first maps are refused: a model whose encoder layers sit in stages (a list of lists of blocks: ConvNeXt,
+  ResNet, Swin) or contain spatial convolutions, or whose embeddings turn a probe image into a `[B, C, H, W]` map
+  (VitDet). The probe runs the embeddings (the module that holds the patch embedding, below the one that also holds
+  the layers) on a blank image whose patch grid is neither square nor as wide as the hidden size, so that the output's
+  shape tells a token sequence `[B, N, C]`, a channels-last map `[B, H, W, C]` (SAM) and a channels-first one apart;
+  embeddings that take only their configured image size are probed at that size, and a map whose sides there equal
+  the hidden size is refused as one Rein cannot be sure of;
 - patch size: the patchifying convolution's kernel, else `patch_size` in the model's config (or its vision/backbone
   sub-config);
 - a mask decoder's learnable query tables, for query linking: the `nn.Embedding`s named as transformers names them
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
@@ -47,6 +55,16 @@ LAYER_LIST_TYPES = (nn.ModuleList, nn.Sequential)
 SUB_CONFIG_NAMES = ("vision_config", "backbone_config")
 CONTAINER_TYPES = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 QUERY_TABLE_ROLES = {"queries_features": QUERY_CONTENT, "queries_embedder": QUERY_POSITION, "query": QUERY_CONTENT}
+
+
+# how an encoder layer lays out its output hidden states, read off a probe of the model's embeddings
+SEQUENCE = "sequence"  # [B, N, C] (or [N, B, C] with batch_first=False)
+CHANNELS_LAST = "channels_last"  # [B, H, W, C]: every position is a patch token (SAM)
+CHANNELS_FIRST = "channels_first"  # [B, C, H, W]: refused
+AMBIGUOUS = "ambiguous"  # [B, C, C, C]: refused
+# patch grid of the probe image: not square, so that height and width cannot be mistaken for each other
+PROBE_GRID = (2, 3)
+DEFAULT_IMAGE_SIZE = 224
 
 
 class ReinUnsupportedModelError(ValueError):
@@ -180,6 +198,132 @@ def _batch_first(model: nn.Module, layer_name: str) -> bool:
     return True
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: the device of its parameters or, when accelerate has offloaded them (`device_map`
+    with "disk" or "cpu" entries: they wait on the meta device), the device accelerate's hook on the module brings
+    them to for each forward."""
+    device = next(module.parameters()).device
+    if device.type != "meta":
+        return device
+    execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if execution_device is None:
+        return torch.device("cpu")
+    # accelerate names a GPU by its index
+    return (
+        torch.device("cuda", execution_device) if isinstance(execution_device, int) else torch.device(execution_device)
+    )
+
+
+def _configured_image_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for sub_config in [config] + [getattr(config, name, None) for name in SUB_CONFIG_NAMES]:
+        image_size = getattr(sub_config, "image_size", None)
+        if image_size is not None:
+            return image_size if isinstance(image_size, int) else image_size[0]
+    return DEFAULT_IMAGE_SIZE
+
+
+def _layout_of(output: object, grid: tuple[int, int], hidden_size: int) -> str | None:
+    """The layout that a probe's output shape shows, or None if it shows none."""
+    features = output[0] if isinstance(output, tuple) else output
+    if not isinstance(features, torch.Tensor):
+        return None
+    if features.dim() == 3:
+        return SEQUENCE
+    if features.dim() != 4:
+        return None
+    channels_last = tuple(features.shape[1:]) == (*grid, hidden_size)
+    channels_first = tuple(features.shape[1:]) == (hidden_size, *grid)
+    if channels_last and channels_first:
+        return AMBIGUOUS
+    return CHANNELS_LAST if channels_last else CHANNELS_FIRST if channels_first else None
+
+
+@torch.no_grad()
+def probe_layout(model: nn.Module, patch_embedding_name: str, layer_name: str, hidden_size: int) -> str | None:
+    """Run the model's embeddings on blank images and read the layout of what they feed the encoder layers off the
+    output's shape (see the module docstring); None where they cannot be probed with an image alone (SigLIP2's
+    embeddings also take the patches' shapes)."""
+    top = _common_ancestor(patch_embedding_name, layer_name)
+    depth = len(top.split(".")) + 1 if top else 1
+    embeddings = model.get_submodule(".".join(patch_embedding_name.split(".")[:depth]))
+    convolutions = [module for module in embeddings.modules() if isinstance(module, nn.Conv2d)]
+    if isinstance(embeddings, CONTAINER_TYPES) or not convolutions:
+        return None
+    patch = convolutions[0]
+    stride = patch.stride[0]
+    side = _configured_image_size(model) // stride
+    # a non-square grid whose sides differ from the width; then, for embeddings that take only their own size, that
+    grids = [PROBE_GRID if hidden_size not in PROBE_GRID else (hidden_size + 1, hidden_size + 2), (side, side)]
+    modes = [(module, module.training) for module in embeddings.modules()]
+    embeddings.eval()  # no dropout: the probe draws no random numbers
+    try:
+        for grid in grids:
+            pixels = torch.zeros(
+                1,
+                patch.in_channels,
+                grid[0] * stride,
+                grid[1] * stride,
+                dtype=patch.weight.dtype if patch.weight.is_floating_point() else torch.float32,
+                device=execution_device(patch),
+            )
+            try:
+                layout = _layout_of(embeddings(pixels), grid, hidden_size)
+            except Exception:  # embeddings that take only their configured size: try that next
+                continue
+            if layout is not None:
+                return layout
+        return None
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _refuse_feature_maps(model: nn.Module, layer_names: list[str], layout: str | None) -> None:
+    """Refuse encoder layers whose outputs are channels-first feature maps (or may be), naming the reason."""
+    name = type(model).__name__
+    explanation = (
+        "Rein refines token sequences [batch, tokens, hidden] (and channels-last maps [batch, height, width, "
+        "hidden]): refined along the wrong axis, a channels-first map would run and give wrong numbers. "
+        "Convolutional and staged backbones are not supported yet; for a vision transformer, point "
+        "`ReinConfig(target_modules=...)` at layers whose outputs are token sequences."
+    )
+    layer_list = _parent_name(layer_names[0])
+    in_stage = any(
+        isinstance(module, LAYER_LIST_TYPES) and len({type(block) for block in module}) == 1
+        for module in (model.get_submodule(ancestor) for ancestor in _ancestors(layer_list))
+    )
+    if in_stage:
+        raise ReinUnsupportedModelError(
+            f"The layers Rein found in {name} ('{layer_list}') are one stage of a staged model (ConvNeXt, ResNet, "
+            f"Swin): each stage has its own width and feature-map size. {explanation}"
+        )
+    for layer_name in layer_names:
+        for module_name, module in model.get_submodule(layer_name).named_modules():
+            if isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1:
+                raise ReinUnsupportedModelError(
+                    f"Layer '{layer_name}' of {name} holds a spatial convolution ('{module_name}', kernel "
+                    f"{tuple(module.kernel_size)}), so its outputs are feature maps. {explanation}"
+                )
+    if layout == CHANNELS_FIRST:
+        raise ReinUnsupportedModelError(
+            f"The embeddings of {name} feed its encoder layers channels-first feature maps [batch, hidden, height, "
+            f"width] (VitDet's layout). {explanation}"
+        )
+    if layout == AMBIGUOUS:
+        raise ReinUnsupportedModelError(
+            f"Rein cannot tell whether the feature maps of {name} are channels-first or channels-last: its hidden "
+            f"size equals the height and width of the patch grid at the only image size its embeddings take. "
+            f"{explanation}"
+        )
+
+
+def _ancestors(name: str) -> list[str]:
+    """The names of the modules above `name`, nearest first, the model itself ("") last."""
+    parts = name.split(".")
+    return [".".join(parts[:index]) for index in range(len(parts) - 1, -1, -1)]
+
+
 def find_query_tables(model: nn.Module, config: ReinConfig) -> dict[str, str]:
     """A mask decoder's learnable query tables (name -> role) that Rein's linked queries replace. Checks that they
     have `token_length` rows of width `query_dims`."""
@@ -243,6 +387,8 @@ def discover(model: nn.Module, config: ReinConfig) -> ReinTargets:
             f"The layers Rein found in {type(model).__name__} change width ({widths}): a staged model (Swin, Hiera) "
             "has no single sequence of equal-width tokens to refine. Point `target_modules` at same-width layers."
         )
+    layout = probe_layout(model, patch_embedding, layer_names[0], hidden_size) if patch_embedding else None
+    _refuse_feature_maps(model, layer_names, layout)
     num_prefix_tokens = config.num_prefix_tokens
     if num_prefix_tokens is None:
         if patch_embedding is None:

@@ -17,7 +17,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import REIN_PREFIX, ReinConfig
-from .discovery import ReinTargets, discover
+from .discovery import ReinTargets, discover, execution_device
 from .layer import (
     BASE_ADAPTER_NAME,
     QUERY_POSITION,
@@ -56,22 +56,6 @@ def _tensor_stem(key: str) -> str | None:
 def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
     """Forward pre-hook that hands a mixed batch's `adapter_names` to a `modules_to_save` wrapper."""
     return args, {**kwargs, "adapter_names": adapter_names}
-
-
-def _execution_device(layer: nn.Module) -> torch.device:
-    """Where an encoder layer computes, and so where a new adapter belongs: the device of its parameters or, when
-    accelerate has offloaded them (`device_map` with "disk" or "cpu" entries: they wait on the meta device), the
-    device accelerate's hook on the layer brings them to for each forward."""
-    device = next(layer.parameters()).device
-    if device.type != "meta":
-        return device
-    execution_device = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
-    if execution_device is None:
-        return torch.device("cpu")
-    # accelerate names a GPU by its index
-    return (
-        torch.device("cuda", execution_device) if isinstance(execution_device, int) else torch.device(execution_device)
-    )
 
 
 def _keep_out_of_disk_offload(model: nn.Module, rein_layer_name: str, device: torch.device) -> None:
@@ -216,7 +200,7 @@ class ReinModel(BaseTuner):
         holder = model.get_submodule(targets.holder_name)
         rein_layer = getattr(holder, REIN_LAYER_ATTRIBUTE, None)
         if rein_layer is None:
-            rein_layer = ReinLayer(device=_execution_device(target))
+            rein_layer = ReinLayer(device=execution_device(target))
             holder.add_module(REIN_LAYER_ATTRIBUTE, rein_layer)
             rein_layer_name = f"{targets.holder_name}.{REIN_LAYER_ATTRIBUTE}".lstrip(".")
             _keep_out_of_disk_offload(model, rein_layer_name, rein_layer.device_anchor.device)

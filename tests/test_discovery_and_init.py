@@ -112,15 +112,78 @@ def test_staged_models_are_refused_with_a_reason():
         get_peft_model(tf.SwinModel(config), ReinConfig())
 
 
-def test_layers_with_spatial_hidden_states_are_refined():
-    """SAM's layers keep [batch, height, width, hidden]: every position is a patch token."""
+def _sam(hidden: int, image_size: int) -> nn.Module:
     config = tf.SamVisionConfig(
-        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=PATCH,
+        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=PATCH,
         output_channels=16, window_size=2, global_attn_indexes=[1], mlp_dim=64,
     )  # fmt: skip
+    return tf.SamVisionModel(config).eval()
+
+
+# Channels-first layer outputs, at sizes where the width equals the grid's height and width (8 channels on an 8x8
+# grid), so that only knowing the layout, not the shapes, can refuse them
+CHANNELS_FIRST_MODELS = {
+    "dinov3_convnext_32px": (
+        lambda: tf.DINOv3ConvNextModel(tf.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], image_size=32)),
+        {},
+        "one stage of a staged model",
+    ),
+    "dinov3_convnext_64px": (
+        lambda: tf.DINOv3ConvNextModel(tf.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], image_size=64)),
+        {},
+        "one stage of a staged model",
+    ),
+    "convnext_equal_widths": (
+        lambda: tf.ConvNextModel(tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 8], depths=[1, 1], image_size=32)),
+        {},
+        "holds a spatial convolution",  # its stages, equally wide, are taken for the layers
+    ),
+    "convnext_one_stage_named": (
+        lambda: tf.ConvNextModel(tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 8], depths=[2, 1], image_size=32)),
+        {"target_modules": r"encoder\.stages\.0\.layers\.\d+"},
+        "one stage of a staged model",
+    ),
+    "vitdet": (
+        lambda: tf.VitDetModel(
+            tf.VitDetConfig(
+                hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8,
+                pretrain_image_size=64,
+            )  # fmt: skip
+        ),
+        {},
+        "VitDetModel feed its encoder layers channels-first feature maps",
+    ),
+    "vitdet_layers_named": (
+        lambda: tf.VitDetModel(
+            tf.VitDetConfig(
+                hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8,
+                pretrain_image_size=64,
+            )  # fmt: skip
+        ),
+        {"target_modules": r"encoder\.layer\.\d+"},
+        "channels-first feature maps",
+    ),
+    # channels-last like SAM, but only at its configured size, where 8 channels equal the 8x8 grid: Rein cannot tell
+    "sam_8_channels_8x8_grid": (lambda: _sam(hidden=8, image_size=64), {}, "cannot tell whether"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHANNELS_FIRST_MODELS))
+def test_channels_first_and_ambiguous_layouts_are_refused_when_the_adapter_is_created(name):
+    build_model, config_kwargs, message = CHANNELS_FIRST_MODELS[name]
     torch.manual_seed(0)
-    base = tf.SamVisionModel(config).eval()
-    reference_model = tf.SamVisionModel(config).eval()
+    model = build_model().eval()
+    with pytest.raises(ReinUnsupportedModelError, match=message) as refusal:
+        get_peft_model(model, ReinConfig(token_length=5, **config_kwargs))
+    assert type(model).__name__ in str(refusal.value) and "target_modules" in str(refusal.value)
+    assert not any(type(module).__name__ == "ReinLayer" for module in model.modules())
+
+
+def test_layers_with_spatial_hidden_states_are_refined():
+    """SAM's layers keep [batch, height, width, hidden]: every position is a patch token."""
+    torch.manual_seed(0)
+    base = _sam(hidden=HIDDEN, image_size=64)
+    reference_model = _sam(hidden=HIDDEN, image_size=64)
     reference_model.load_state_dict(base.state_dict())
     peft_model = get_peft_model(base, ReinConfig(token_length=5))
     randomize_adapter(peft_model)
