@@ -34,7 +34,7 @@ dataset) is evaluated.
 `--foundation mae+invariance` pretrains the miniature backbone on pairs of random styles of each scene, pulling the
 encoder's tokens of the two together (still without labels, the way DINOv2's colour-jittered views teach it to ignore
 colour): the investigation of why, with the plain MAE foundation, no method generalizes better than another. It
-did not give a stronger foundation (README, "Domain generalization").
+did not give a stronger foundation (docs/domain-generalization.md).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def _features(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 @pytest.mark.xfail(
     strict=True,
     reason="transformers 5.23: disable_adapters() turns off modules_to_save, enable_adapters() does not turn them "
-    "back on (LoRA alike); README, 'Rein with transformers and pipelines'",
+    "back on (LoRA alike); docs/transformers.md",
 )
 def test_enable_adapters_restores_the_head_of_modules_to_save(folders: Folders):
     inputs = pixels(3)
