@@ -36,6 +36,8 @@ class ReinSettings:
         use_softmax: See `ReinConfig.use_softmax`.
         refine_query_tokens: See `ReinConfig.refine_query_tokens`.
         layer_rows: Name of each targeted layer -> its row in the `[L, ...]` token tables.
+        channels_first: The layers output `[B, C, H, W]` feature maps (a stage of ConvNeXt or ResNet), refined as
+            their `[B, H*W, C]` tokens and given back in their own layout.
     """
 
     hidden_size: int
@@ -44,6 +46,7 @@ class ReinSettings:
     use_softmax: bool
     refine_query_tokens: bool
     layer_rows: dict[str, int]
+    channels_first: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -51,7 +54,8 @@ class ReinSettings:
 
 
 class ReinLayer(nn.Module, BaseTunerLayer):
-    """Owns every tensor of every Rein adapter of one model; attached to the module that holds the encoder layers.
+    """Owns every tensor of every Rein adapter of one encoder; attached to the module that holds the encoder layers.
+    A staged backbone (ConvNeXt, ResNet, Swin) has one per stage, on the stage's module, with the stage's width.
 
     Parameters per adapter (L targeted layers, M tokens, C hidden size, r low rank, Q query width):
 
@@ -163,9 +167,9 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         pooled = torch.stack([projected.amax(-1), projected.mean(-1), projected[..., -1]], dim=-1)  # [M, Q, 3]
         return self.rein_merge[adapter_name](pooled.flatten(-2))  # [M, 3Q] -> [M, Q]
 
-    def linked_queries(self) -> dict[str, torch.Tensor] | None:
-        """What the decoder's query tables hold in this forward: role (see `QUERY_TABLE_ROLES`) -> `[M, Q]`, from the
-        active adapter that links its tokens to queries; `None` (the decoder's own tables) when none does."""
+    def linking_adapter(self) -> str | None:
+        """The active adapter that links its tokens to the decoder's queries in this forward, or None (the decoder's
+        own tables)."""
         if self.disable_adapters:
             return None
         in_use = self.active_adapters if self.sample_groups is None else list(self.sample_groups[1])
@@ -182,10 +186,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
                 f"Active adapters {linking} all link their tokens to the decoder's queries, which can hold only one "
                 "adapter's queries: activate one of them."
             )
-        adapter_name = linking[0]
-        queries = self.get_queries(adapter_name)  # [M, Q]
-        content = self.rein_query_feat[adapter_name](queries) if adapter_name in self.rein_query_feat else queries
-        return {QUERY_CONTENT: content, QUERY_POSITION: queries}
+        return linking[0]
 
     def _weights(self, adapter_name: str) -> list[torch.Tensor]:
         """Every tensor the input-independent projections of an adapter depend on."""
@@ -290,6 +291,24 @@ class ReinLayer(nn.Module, BaseTunerLayer):
                 )
 
     def refine(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
+        """Apply one adapter's refinement of layer `row` to that layer's output: hidden states, or, for a
+        channels-first stage, a `[B, C, H, W]` feature map, refined as its `[B, H*W, C]` tokens (as the official code
+        does for ConvNeXt and ResNet) and given back as `[B, C, H, W]`."""
+        if not self.rein_settings[adapter_name].channels_first:
+            return self._refine_tokens(hidden_states, adapter_name, row)
+        settings = self.rein_settings[adapter_name]
+        if hidden_states.dim() != 4 or hidden_states.shape[1] != settings.hidden_size:
+            raise ValueError(
+                f"Rein adapter '{adapter_name}' was built for [batch, {settings.hidden_size}, height, width] feature "
+                f"maps, but the layer produced a tensor of shape {tuple(hidden_states.shape)}."
+            )
+        batch, channels, height, width = hidden_states.shape
+        # [B, H*W, C]; no copy where the map is stored channels-last (as a refined map is)
+        tokens = hidden_states.flatten(2).transpose(1, 2).contiguous()
+        refined = self._refine_tokens(tokens, adapter_name, row)  # [B, H*W, C]
+        return refined.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def _refine_tokens(self, hidden_states: torch.Tensor, adapter_name: str, row: int) -> torch.Tensor:
         """Apply one adapter's refinement of layer `row` to that layer's output hidden states.
 
         The same numbers as REIN.md's `F + scale * delta_f(softmax(F T^T / sqrt(C))[:, 1:] @ token2feat(T[1:]) + F)`,
@@ -442,22 +461,49 @@ class ReinLinkedQueries(nn.Module):
         return nn.functional.embedding(indices, self.weight)
 
 
+def summed_queries(rein_layers: list[ReinLayer], adapter_name: str) -> torch.Tensor:
+    """The `[M, Q]` queries an adapter links from its tokens: those of its one `ReinLayer`, or, on a staged backbone,
+    the sum of every stage's (as the official code gives the decoder)."""
+    per_stage = [layer.get_queries(adapter_name) for layer in rein_layers if adapter_name in layer.rein_transform]
+    if not per_stage:
+        raise ValueError(
+            f"Adapter '{adapter_name}' has no query linking; create it with ReinConfig(link_token_to_query=True)."
+        )
+    return sum(per_stage[1:], per_stage[0])
+
+
+def linked_queries(rein_layers: list[ReinLayer]) -> dict[str, torch.Tensor] | None:
+    """What the decoder's query tables hold in this forward: role (see `QUERY_TABLE_ROLES`) -> `[M, Q]`, from the
+    active adapter that links its tokens to queries; `None` (the decoder's own tables) when none does."""
+    linking = {layer.linking_adapter() for layer in rein_layers} - {None}
+    if not linking:
+        return None
+    (adapter_name,) = linking  # every ReinLayer of a model has the same active adapters
+    queries = summed_queries(rein_layers, adapter_name)  # [M, Q]
+    content = queries
+    for layer in rein_layers:  # the map to content queries sits on the first stage
+        if adapter_name in layer.rein_query_feat:
+            content = layer.rein_query_feat[adapter_name](queries)
+    return {QUERY_CONTENT: content, QUERY_POSITION: queries}
+
+
 class ReinQueryHook:
     """Forward pre-hook (`link=True`) and forward hook (`link=False`, always called) on the model: before each forward
     they put the active adapter's linked queries into every `ReinLinkedQueries` of the model, copies made for
     `modules_to_save` included, and after it they take them out again.
 
-    The hooks sit on the model rather than on the decoder, so that no module that PEFT copies holds a reference to the
-    `ReinLayer` (a copy would copy the adapter with it).
+    The hooks sit on the model rather than on the decoder and find the model's `ReinLayer`s when they run, so that no
+    module that PEFT copies holds a reference to one (a copy would copy the adapter with it).
     """
 
-    def __init__(self, rein_layer: ReinLayer, link: bool) -> None:
-        self.rein_layer = rein_layer
+    def __init__(self, link: bool) -> None:
         self.link = link
 
     def __call__(self, model: nn.Module, args: tuple, *output: Any) -> None:
-        queries = self.rein_layer.linked_queries() if self.link else None
-        for module in model.modules():
+        modules = list(model.modules())
+        rein_layers = [module for module in modules if isinstance(module, ReinLayer)]
+        queries = linked_queries(rein_layers) if self.link else None
+        for module in modules:
             if isinstance(module, ReinLinkedQueries):
                 module.linked_weight = None if queries is None else queries[module.role]
 

@@ -17,7 +17,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import REIN_PREFIX, ReinConfig
-from .discovery import ReinTargets, discover, execution_device
+from .discovery import CHANNELS_FIRST, ReinStage, ReinTargets, discover, execution_device
 from .layer import (
     BASE_ADAPTER_NAME,
     QUERY_POSITION,
@@ -27,6 +27,7 @@ from .layer import (
     ReinLinkedQueries,
     ReinQueryHook,
     ReinSettings,
+    summed_queries,
 )
 from .quantization import refuse_quantized_modules_to_save
 from .rollback import unchanged_on_failure
@@ -45,11 +46,13 @@ class ReinStateDictError(ValueError):
 
 
 def _tensor_stem(key: str) -> str | None:
-    """The part of a state-dict key from its first `rein_*` component on, e.g. `rein_token2feat.weight`."""
+    """The part of a state-dict key from its first `rein_*` component on, e.g. `rein_token2feat.weight`; on a staged
+    backbone, whose ReinLayers hang on the stages of a list, with the stage's index in front: `2.rein_tokens`."""
     parts = key.split(".")
     for index, part in enumerate(parts):
         if part.startswith(ReinModel.prefix):
-            return ".".join(parts[index:])
+            stage = parts[index - 2] if index >= 2 and parts[index - 1] == REIN_LAYER_ATTRIBUTE else ""
+            return ".".join(([stage] if stage.isdigit() else []) + parts[index:])
     return None
 
 
@@ -76,14 +79,15 @@ def find_rein_layers(model: nn.Module) -> list[ReinLayer]:
 
 
 def get_queries(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
-    """The `[M, Q]` object queries that an adapter made with `link_token_to_query=True` links from its tokens.
+    """The `[M, Q]` object queries that an adapter made with `link_token_to_query=True` links from its tokens (on a
+    staged backbone, the sum of every stage's).
 
     Works on a `PeftModel` and on a model that got the adapter from transformers' `add_adapter` / `load_adapter`.
     """
-    for rein_layer in find_rein_layers(model):
-        if adapter_name in rein_layer.rein_settings:
-            return rein_layer.get_queries(adapter_name)
-    raise ValueError(f"No Rein adapter named '{adapter_name}' in {type(model).__name__}.")
+    rein_layers = [layer for layer in find_rein_layers(model) if adapter_name in layer.rein_settings]
+    if not rein_layers:
+        raise ValueError(f"No Rein adapter named '{adapter_name}' in {type(model).__name__}.")
+    return summed_queries(rein_layers, adapter_name)
 
 
 REIN_HOOK_TYPES = (ReinHook, ReinQueryHook, ReinImageSizeCheck)
@@ -195,23 +199,25 @@ class ReinModel(BaseTuner):
         parameter_name: str | None = None,
     ) -> None:
         model, targets = self._injection
+        stage = next(stage for stage in targets.stages if current_key in stage.layer_names)
         # attached here, not in _prepare_model: PEFT decides whether this is the first adapter (and so freezes the
         # base model) by looking for tuner layers before it creates any
-        holder = model.get_submodule(targets.holder_name)
+        holder = model.get_submodule(stage.holder_name)
         rein_layer = getattr(holder, REIN_LAYER_ATTRIBUTE, None)
         if rein_layer is None:
             rein_layer = ReinLayer(device=execution_device(target))
             holder.add_module(REIN_LAYER_ATTRIBUTE, rein_layer)
-            rein_layer_name = f"{targets.holder_name}.{REIN_LAYER_ATTRIBUTE}".lstrip(".")
+            rein_layer_name = f"{stage.holder_name}.{REIN_LAYER_ATTRIBUTE}".lstrip(".")
             _keep_out_of_disk_offload(model, rein_layer_name, rein_layer.device_anchor.device)
         if adapter_name not in rein_layer.rein_settings:
             settings = ReinSettings(
-                hidden_size=targets.hidden_size,
+                hidden_size=stage.hidden_size,
                 num_prefix_tokens=targets.num_prefix_tokens,
                 batch_first=targets.batch_first,
                 use_softmax=peft_config.use_softmax,
                 refine_query_tokens=peft_config.refine_query_tokens,
-                layer_rows={name: row for row, name in enumerate(targets.layer_names)},
+                layer_rows={name: row for row, name in enumerate(stage.layer_names)},
+                channels_first=stage.layout == CHANNELS_FIRST,
             )
             rein_layer.update_layer(
                 adapter_name,
@@ -219,17 +225,21 @@ class ReinModel(BaseTuner):
                 settings,
                 targets.patch_size,
                 device=rein_layer.device_anchor.device,
-                content_queries=QUERY_POSITION in targets.query_tables.values(),
+                # one map to the decoder's content queries, applied to the stages' summed queries: on the first stage
+                content_queries=QUERY_POSITION in targets.query_tables.values() and stage is targets.stages[0],
             )
-            self._attach_to_model(model, targets, rein_layer)
+            self._attach_to_model(model, targets, stage)
         if not _has_hook(target, ReinHook):
             # prepend: transformers records hidden states with forward hooks of its own, which must see the refinement
             target.register_forward_hook(ReinHook(rein_layer, current_key), prepend=True)
 
     @staticmethod
-    def _attach_to_model(model: nn.Module, targets: ReinTargets, rein_layer: ReinLayer) -> None:
+    def _attach_to_model(model: nn.Module, targets: ReinTargets, stage: ReinStage) -> None:
         """Install what acts outside the encoder layers: the image-size check on the patch embedding and, for query
-        linking, the linked query tables and the hooks on the model that fill them for each forward."""
+        linking, the linked query tables and the hooks on the model that fill them for each forward (once, with the
+        first stage)."""
+        if stage is not targets.stages[0]:
+            return
         if targets.patch_embedding_name is not None:
             patch_embedding = model.get_submodule(targets.patch_embedding_name)
             if not _has_hook(patch_embedding, ReinImageSizeCheck):
@@ -240,8 +250,8 @@ class ReinModel(BaseTuner):
                 parent_name, _, child_name = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child_name, ReinLinkedQueries(table, role))
         if targets.query_tables and not _has_hook(model, ReinQueryHook):
-            model.register_forward_pre_hook(ReinQueryHook(rein_layer, link=True))
-            model.register_forward_hook(ReinQueryHook(rein_layer, link=False), always_call=True)
+            model.register_forward_pre_hook(ReinQueryHook(link=True))
+            model.register_forward_hook(ReinQueryHook(link=False), always_call=True)
 
     # --- training mode ---------------------------------------------------------------------------------------------
 
@@ -375,8 +385,9 @@ class ReinModel(BaseTuner):
             raise ReinStateDictError(
                 f"The adapter was made for a different backbone than {type(model).__name__}: "
                 + "; ".join(mismatches)
-                + ". Token tables are [layers, tokens, hidden] and the MLPs [hidden, hidden]: load the adapter into "
-                "the architecture it was trained on."
+                + ". Token tables are [layers, tokens, hidden] and the MLPs [hidden, hidden] (on a staged backbone, "
+                "'2.rein_tokens' is stage 2's, [blocks, tokens, stage width]): load the adapter into the architecture "
+                "it was trained on."
             )
         missing = sorted(set(stem_to_model_key) - loaded_stems)
         if missing:
