@@ -23,8 +23,8 @@ Nothing here is a list of known paths. The rules, in order:
   and width are equal; the first stage's stride stands for the patch size where there is no patch embedding (ResNet);
 - otherwise channels-first maps are refused: encoder layers that sit in stages Rein does not recognise or contain
   spatial convolutions, or whose embeddings turn a probe image into a `[B, C, H, W]` map (VitDet). That probe runs
-  the embeddings (the module that holds the patch embedding, below the one that also holds the layers) on a blank image whose patch grid is neither square nor as wide as the hidden size, so that the output's
-  shape tells a token sequence `[B, N, C]`, a channels-last map `[B, H, W, C]` (SAM) and a channels-first one apart;
+  the embeddings (the module that holds the patch embedding, below the one that also holds the layers) on a blank
+  image whose patch grid is neither square nor as wide as the hidden size, so that the output's shape tells a token sequence `[B, N, C]`, a channels-last map `[B, H, W, C]` (SAM) and a channels-first one apart;
   embeddings that take only their configured image size are probed at that size, and a map whose sides there equal
   the hidden size is refused as one Rein cannot be sure of;
 - patch size: the patchifying convolution's kernel, else `patch_size` in the model's config (or its vision/backbone
@@ -600,8 +600,9 @@ def discover(model: nn.Module, config: ReinConfig) -> ReinTargets:
     widths = {name: _hidden_size(model, name) for name in layer_names}
     if len(set(widths.values())) > 1:
         raise ReinUnsupportedModelError(
-            f"The layers Rein found in {type(model).__name__} change width ({widths}): a staged model (Swin, Hiera) "
-            "has no single sequence of equal-width tokens to refine. Point `target_modules` at same-width layers."
+            f"The layers Rein found in {type(model).__name__} change width ({widths}) but are not the stages of a "
+            "staged backbone (a list of stages that each hold their blocks in a list), which get one Rein each. "
+            "Point `target_modules` at same-width layers."
         )
     layout = probe_layout(model, patch_embedding, layer_names[0], hidden_size) if patch_embedding else None
     _refuse_feature_maps(model, layer_names, layout)

@@ -106,10 +106,17 @@ def test_tokens_rein_cannot_place_are_refused():
         get_peft_model(tf.YolosModel(config), ReinConfig())
 
 
-def test_staged_models_are_refused_with_a_reason():
-    config = tf.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2)
-    with pytest.raises(ReinUnsupportedModelError, match="SwinModel change width.*staged model"):
-        get_peft_model(tf.SwinModel(config), ReinConfig())
+def test_layers_of_different_widths_outside_stages_are_refused_with_a_reason():
+    """Both towers of a CLIP model named: two lists of different widths that are not the stages of one backbone."""
+    config = tf.CLIPConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+        vision_config={
+            "hidden_size": HIDDEN, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+            "image_size": 32, "patch_size": PATCH,
+        },  # fmt: skip
+    )
+    with pytest.raises(ReinUnsupportedModelError, match="CLIPModel change width.*not the stages"):
+        get_peft_model(tf.CLIPModel(config), ReinConfig(target_modules=r".*encoder\.layers\.\d+"))
 
 
 def _sam(hidden: int, image_size: int) -> nn.Module:
@@ -123,26 +130,6 @@ def _sam(hidden: int, image_size: int) -> nn.Module:
 # Channels-first layer outputs, at sizes where the width equals the grid's height and width (8 channels on an 8x8
 # grid), so that only knowing the layout, not the shapes, can refuse them
 CHANNELS_FIRST_MODELS = {
-    "dinov3_convnext_32px": (
-        lambda: tf.DINOv3ConvNextModel(tf.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], image_size=32)),
-        {},
-        "one stage of a staged model",
-    ),
-    "dinov3_convnext_64px": (
-        lambda: tf.DINOv3ConvNextModel(tf.DINOv3ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], image_size=64)),
-        {},
-        "one stage of a staged model",
-    ),
-    "convnext_equal_widths": (
-        lambda: tf.ConvNextModel(tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 8], depths=[1, 1], image_size=32)),
-        {},
-        "holds a spatial convolution",  # its stages, equally wide, are taken for the layers
-    ),
-    "convnext_one_stage_named": (
-        lambda: tf.ConvNextModel(tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 8], depths=[2, 1], image_size=32)),
-        {"target_modules": r"encoder\.stages\.0\.layers\.\d+"},
-        "one stage of a staged model",
-    ),
     "vitdet": (
         lambda: tf.VitDetModel(
             tf.VitDetConfig(

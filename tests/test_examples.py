@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForImageClassification,
     BitImageProcessorPil,
-    ResNetConfig,
-    ResNetModel,
+    EfficientNetConfig,
+    EfficientNetModel,
     TrainerCallback,
 )
 
@@ -104,21 +104,22 @@ def test_bad_input_gets_one_clear_line(tmp_path, args, message):
 
 
 def test_a_model_rein_cannot_wrap_gets_one_clear_line(tmp_path):
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(
-        tmp_path / "resnet"
+    EfficientNetModel(EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1)).save_pretrained(
+        tmp_path / "efficientnet"
     )
-    BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "resnet")
+    processor = BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+    processor.save_pretrained(tmp_path / "efficientnet")
     result = _run_script(
         str(EXAMPLES / "train_image_classification.py"),
         *QUICK,
         "--model_name_or_path",
-        str(tmp_path / "resnet"),
+        str(tmp_path / "efficientnet"),
         "--output_dir",
         str(tmp_path / "out"),
     )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: Rein found no vision-transformer encoder in ResNetForImageClassification")
+    assert last.startswith("error: Rein found no vision-transformer encoder in EfficientNetForImageClassification")
 
 
 def _assert_ranks_agree_and_adapter_loads(weights_folder: Path, output_dir: Path) -> None:

@@ -211,8 +211,8 @@ def test_any_transformer_with_explicit_targets_and_prefix_tokens():
 
 
 def test_unsupported_model_error_says_what_to_set():
-    model = tf.ResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
-    with pytest.raises(ReinUnsupportedModelError, match="ResNetModel.*target_modules.*num_prefix_tokens"):
+    model = tf.EfficientNetModel(tf.EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1))
+    with pytest.raises(ReinUnsupportedModelError, match="EfficientNetModel.*target_modules.*num_prefix_tokens"):
         get_peft_model(model, ReinConfig())
     with pytest.raises(ReinUnsupportedModelError, match="SequenceFirstViT.*target_modules.*num_prefix_tokens"):
         get_peft_model(SequenceFirstViT(), ReinConfig(target_modules=r"blocks\.\d+"))
