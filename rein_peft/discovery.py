@@ -24,9 +24,10 @@ Nothing here is a list of known paths. The rules, in order:
 - otherwise channels-first maps are refused: encoder layers that sit in stages Rein does not recognise or contain
   spatial convolutions, or whose embeddings turn a probe image into a `[B, C, H, W]` map (VitDet). That probe runs
   the embeddings (the module that holds the patch embedding, below the one that also holds the layers) on a blank
-  image whose patch grid is neither square nor as wide as the hidden size, so that the output's shape tells a token sequence `[B, N, C]`, a channels-last map `[B, H, W, C]` (SAM) and a channels-first one apart;
-  embeddings that take only their configured image size are probed at that size, and a map whose sides there equal
-  the hidden size is refused as one Rein cannot be sure of;
+  image whose patch grid is neither square nor as wide as the hidden size, so that the output's shape tells a token
+  sequence `[B, N, C]`, a channels-last map `[B, H, W, C]` (SAM) and a channels-first one apart; embeddings that take
+  only their configured image size are probed at that size, and a map whose sides there equal the hidden size is
+  refused as one Rein cannot be sure of;
 - patch size: the patchifying convolution's kernel, else `patch_size` in the model's config (or its vision/backbone
   sub-config);
 - a mask decoder's learnable query tables, for query linking: the `nn.Embedding`s named as transformers names them
