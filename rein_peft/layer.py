@@ -24,6 +24,15 @@ BASE_ADAPTER_NAME = "__base__"
 QUERY_CONTENT = "content"
 QUERY_POSITION = "position"
 
+# dtypes in which the residual is folded into the refinement's GEMM (`x @ (I + W)`): in float16 / bfloat16, I + W
+# would round W away next to the identity
+FULL_PRECISION = (torch.float32, torch.float64)
+
+NO_BASE_LAYER = (
+    "A ReinLayer has no `{attribute}`: it wraps no base layer, it holds the tensors of the Rein adapters that hooks "
+    "apply to the encoder layers' outputs."
+)
+
 
 @dataclass(frozen=True)
 class ReinSettings:
@@ -105,6 +114,16 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # BaseTunerLayer's `weight` and `bias` read a base layer, which a ReinLayer does not wrap (they would recurse
+        # forever): like a module without them, it raises AttributeError, so `hasattr` and `dir()`-based tools work
+        raise AttributeError(NO_BASE_LAYER.format(attribute="weight"))
+
+    @property
+    def bias(self) -> torch.Tensor:
+        raise AttributeError(NO_BASE_LAYER.format(attribute="bias"))
 
     def update_layer(
         self,
@@ -341,7 +360,8 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         x = features.reshape(-1, hidden)  # [B*S, C]
         # In full precision the residual can ride in the GEMM, x @ (I + W) = x + x @ W, saving a pass over the
         # hidden states; with autocast or a lower-precision base it stays a separate add, so it is never rounded.
-        fold_residual = hidden_states.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        fold_residual = x.dtype in FULL_PRECISION and hidden_states.dtype == x.dtype and not autocast
         weight_key = (adapter_name, "delta_f", fold_residual)  # shared by all layers
         weight = self._cached(weight_key, self._delta_weight, adapter_name, fold_residual)  # [C, C]
 
@@ -412,16 +432,27 @@ class ReinLayer(nn.Module, BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # A Rein layer has no base layer (PEFT's default would recurse forever): it follows its device anchor.
-        device = self.device_anchor.device if device is None else device
+        self.move_adapter(adapter_name, device=self.device_anchor.device if device is None else device)
+
+    def move_adapter(
+        self, adapter_name: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Move one adapter's tensors to `device` and/or cast them to `dtype`, leaving the other adapters as they are.
+
+        Args:
+            adapter_name: The adapter to move.
+            device: Where its tensors go; `None` keeps their device.
+            dtype: Their new floating dtype; `None` keeps it.
+        """
         for name in self.adapter_layer_names:
             container = getattr(self, name)
             if adapter_name not in container:
                 continue
             item = container[adapter_name]
             if isinstance(item, nn.Parameter):  # a new Parameter would require grad, frozen or not
-                container[adapter_name] = nn.Parameter(item.to(device), requires_grad=item.requires_grad)
+                container[adapter_name] = nn.Parameter(item.to(device, dtype), requires_grad=item.requires_grad)
             else:
-                container[adapter_name] = item.to(device)
+                container[adapter_name] = item.to(device, dtype)
 
 
 class ReinHook:
