@@ -57,20 +57,36 @@ class ReferenceRein:
         )
         return F.linear(tokens.flatten(-2, -1), t["merge.weight"], t["merge.bias"])
 
-    def attach(self, layers: list[nn.Module], batch_first: bool, num_prefix: int) -> None:
-        """Refine each layer's output, as the seed document's modified backbone forward does."""
+    def forward_map(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """A channels-first stage's refinement, as the official ConvNeXt and ResNet backbones write it: the
+        [B, C, H, W] map flattened to [B, H*W, C] tokens, refined without prefix tokens, reshaped back."""
+        B, C, H, W = x.shape
+        tokens = x.flatten(-2, -1).permute(0, 2, 1)
+        return self.forward(tokens, layer, batch_first=True, num_prefix=0).permute(0, 2, 1).reshape(B, C, H, W)
+
+    def attach(
+        self, layers: list[nn.Module], batch_first: bool, num_prefix: int, channels_first: bool = False
+    ) -> None:
+        """Refine each layer's output, as the seed document's modified backbone forward does (for a channels-first
+        stage, as the official ConvNeXt and ResNet backbones do)."""
         for index, layer in enumerate(layers):
 
             def hook(module, args, output, index=index):
                 hidden = output[0] if isinstance(output, tuple) else output
-                hidden = self.forward(hidden, index, batch_first, num_prefix)
+                if channels_first:
+                    hidden = self.forward_map(hidden, index)
+                else:
+                    hidden = self.forward(hidden, index, batch_first, num_prefix)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
             layer.register_forward_hook(hook, prepend=True)
 
 
-def official_tensors(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Read an adapter's tensors out of a model by parameter name, renamed to the official stems."""
+def official_tensors(
+    peft_model: nn.Module, adapter_name: str = "default", within: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read an adapter's tensors out of a model by parameter name, renamed to the official stems; `within` (a stage's
+    module name, e.g. "encoder.stages.1") keeps only the tensors of the Rein attached to that module."""
     renames = {
         "rein_tokens": "learnable_tokens",
         "rein_tokens_a": "learnable_tokens_a",
@@ -85,6 +101,8 @@ def official_tensors(peft_model: nn.Module, adapter_name: str = "default") -> di
     for name, param in peft_model.named_parameters():
         parts = name.split(".")
         if adapter_name not in parts or not any(part in renames for part in parts):
+            continue
+        if within is not None and f"{within}.rein." not in name:
             continue
         stem = next(part for part in parts if part in renames)
         suffix = parts[parts.index(adapter_name) + 1 :]
