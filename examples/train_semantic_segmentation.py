@@ -5,9 +5,11 @@ With no flags it runs offline on an embedded task: a small DINOv2 built from a c
 `--backbone_name_or_path facebook/dinov2-small --dataset_name <hub dataset or folder>`.
 
 The decoder is UperNet (`--decoder upernet`) or Mask2Former (`--decoder mask2former`, whose queries Rein's tokens can
-replace with `--link_token_to_query`), both over a `Dinov2Backbone`. It trains the decoder over the frozen backbone
-alone (the baseline) and Rein with the same decoder, evaluates both on held-out images with mean IoU, saves the
-adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and prints a results table.
+replace with `--link_token_to_query`), both over a `Dinov2Backbone`, or over a ConvNeXt / DINOv3 ConvNeXt backbone
+(`--backbone convnext` or `--backbone dinov3_convnext` for the embedded task; a checkpoint's family is read from its
+config), which gets one Rein per stage and feeds the decoder every stage. It trains the decoder over the frozen
+backbone alone (the baseline) and Rein with the same decoder, evaluates both on held-out images with mean IoU, saves
+the adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and prints a results table.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     BitImageProcessorPil,
-    Dinov2Backbone,
+    ConvNextConfig,
+    ConvNextModel,
     Dinov2Config,
     Dinov2Model,
+    DINOv3ConvNextConfig,
+    DINOv3ConvNextModel,
     HfArgumentParser,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
@@ -73,7 +78,11 @@ class ScriptArguments:
     backbone_name_or_path: str | None = field(
         default=None, metadata={"help": "DINOv2 checkpoint (Hub or folder); default: build the embedded tiny DINOv2."}
     )
-    decoder: str = field(default="upernet", metadata={"help": "upernet or mask2former (over a Dinov2Backbone)."})
+    decoder: str = field(default="upernet", metadata={"help": "upernet or mask2former (over the backbone)."})
+    backbone: str = field(
+        default="dinov2",
+        metadata={"help": "Embedded backbone: dinov2, convnext or dinov3_convnext (one Rein per stage)."},
+    )
     out_indices: list[int] | None = field(
         default=None,
         metadata={"help": "Layers (1-based) whose refined outputs feed the decoder; default: 4 evenly spaced."},
@@ -125,16 +134,28 @@ def draw_squares_dataset(num_images: int, seed: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images, "label": label_maps}, features=features)
 
 
-def build_embedded_backbone(folder: str) -> str:
-    """Save a small DINOv2 and its image processor to `folder`, to be loaded like any checkpoint."""
+EMBEDDED_BACKBONES = ("dinov2", "convnext", "dinov3_convnext")
+# the embedded staged backbones: four stages, strides 4 to 32 on the 64-pixel images
+EMBEDDED_STAGES = {"hidden_sizes": [16, 32, 64, 64], "depths": [1, 1, 2, 1]}
+
+
+def build_embedded_backbone(folder: str, family: str) -> str:
+    """Save a small backbone of `family` (DINOv2, ConvNeXt or DINOv3 ConvNeXt) and its image processor to `folder`,
+    to be loaded like any checkpoint."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         torch.manual_seed(0)
         side = GRID * PATCH
-        config = Dinov2Config(
-            hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=side
-        )
-        config.patch_size = PATCH
-        Dinov2Model(config).save_pretrained(folder)
+        if family == "convnext":
+            backbone = ConvNextModel(ConvNextConfig(num_stages=4, image_size=side, **EMBEDDED_STAGES))
+        elif family == "dinov3_convnext":
+            backbone = DINOv3ConvNextModel(DINOv3ConvNextConfig(image_size=side, **EMBEDDED_STAGES))
+        else:
+            config = Dinov2Config(
+                hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=side
+            )
+            config.patch_size = PATCH
+            backbone = Dinov2Model(config)
+        backbone.save_pretrained(folder)
         BitImageProcessorPil(size={"height": side, "width": side}, do_center_crop=False).save_pretrained(folder)
     return folder
 
@@ -216,8 +237,12 @@ def make_collator(model_config: PretrainedConfig, decoder: str):
 
 
 def backbone_kwargs(script: ScriptArguments, backbone_path: str) -> dict:
-    """How the `Dinov2Backbone` hands features to the decoder: the refined outputs of 4 layers, without final norm."""
-    num_layers = AutoConfig.from_pretrained(backbone_path).num_hidden_layers
+    """How the backbone hands features to the decoder: a `Dinov2Backbone` the refined outputs of 4 layers, without
+    final norm; a staged backbone (ConvNeXt) every stage's."""
+    backbone_config = AutoConfig.from_pretrained(backbone_path)
+    if hasattr(backbone_config, "depths"):  # staged
+        return {"out_features": backbone_config.stage_names[1:]}
+    num_layers = backbone_config.num_hidden_layers
     out_indices = script.out_indices or [round(num_layers * (index + 1) / 4) for index in range(4)]
     return {
         "out_features": [f"stage{index}" for index in out_indices],  # stage k: the output of layer k (1-based)
@@ -227,8 +252,8 @@ def backbone_kwargs(script: ScriptArguments, backbone_path: str) -> dict:
 
 
 def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: int) -> PretrainedConfig:
-    """The config of the decoder over a `Dinov2Backbone` shaped like the checkpoint."""
-    backbone_config = Dinov2Config.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
+    """The config of the decoder over a backbone shaped like the checkpoint."""
+    backbone_config = AutoConfig.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
     names = CLASS_NAMES if script.dataset_name is None else [f"class {index}" for index in range(num_labels)]
     labels = {"num_labels": num_labels, "id2label": dict(enumerate(names))}
     if script.decoder == "upernet":
@@ -258,8 +283,10 @@ def load_segmenter(script: ScriptArguments, config: PretrainedConfig, backbone_p
         UperNetForSemanticSegmentation if script.decoder == "upernet" else Mask2FormerForUniversalSegmentation
     )
     model = model_class(config)
-    backbone = Dinov2Backbone.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
-    model.get_submodule(BACKBONE_MODULE[script.decoder]).load_state_dict(backbone.state_dict())
+    backbone_module = model.get_submodule(BACKBONE_MODULE[script.decoder])
+    # the backbone class the decoder built (Dinov2Backbone, ConvNextBackbone, ...), loaded from the checkpoint
+    backbone = type(backbone_module).from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
+    backbone_module.load_state_dict(backbone.state_dict())
     return model
 
 
@@ -309,6 +336,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     script, rein, training = parser.parse_args_into_dataclasses(args=argv)
     if script.decoder not in DECODER_MODULES:
         fail(f"--decoder must be one of {sorted(DECODER_MODULES)}, got {script.decoder!r}.")
+    if script.backbone not in EMBEDDED_BACKBONES:
+        fail(f"--backbone must be one of {list(EMBEDDED_BACKBONES)}, got {script.backbone!r}.")
     check_writable(training.output_dir)
     push_to_hub, training.push_to_hub = training.push_to_hub, False  # the adapter alone is pushed at the end
     start = time.perf_counter()
@@ -317,7 +346,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     num_labels = script.num_labels or len(CLASS_NAMES)
     with training.main_process_first(desc="building the embedded backbone"):
         backbone_path = script.backbone_name_or_path or build_embedded_backbone(
-            os.path.join(training.output_dir, "base-model")
+            os.path.join(training.output_dir, "base-model"), script.backbone
         )
     processor = AutoImageProcessor.from_pretrained(backbone_path)
     side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else DEFAULT_IMAGE_SIZE)

@@ -7,8 +7,10 @@ the right numbers pass the parity tests."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import transformers as tf
 from conftest import assert_same_numbers, pixels, randomize_adapter
 from peft import PeftModel, get_peft_model
 from reference import ReferenceRein, official_tensors
+from safetensors.torch import load_file
 from torch import nn
 
 from rein_peft import ReinConfig, ReinStateDictError
@@ -24,6 +27,7 @@ from rein_peft.discovery import CHANNELS_FIRST, SEQUENCE, discover
 from rein_peft.export import export_program
 from rein_peft.layer import ReinLayer
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOKENS, RANK, LABELS, QUERIES, QUERY_WIDTH = 5, 2, 3, 5, 32  # Mask2Former's GroupNorms need widths of 32k
 
 
@@ -503,3 +507,52 @@ def test_mask2former_with_linked_queries_trains_every_stage(backbone):
     assert len(merges) == 8  # weight and bias of every stage, trained through the summed queries
     after = dict(peft_model.named_parameters())
     assert all(not torch.equal(after[name], before[name]) for name in merges)
+
+
+def test_an_int8_backbone_takes_a_staged_adapter_close_to_full_precision():
+    """torchao int8 weight-only ConvNeXt (its pointwise linear layers), quantized before Rein: the layout probe runs
+    on the int8 backbone, the float32 adapter refines it close to the float32 model's, and trains."""
+    pytest.importorskip("torchao")  # the `quantization` extra
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    family = FAMILIES["convnext"]
+    full = _adapted(family)
+    model = _seeded(family)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    quantized = get_peft_model(model, ReinConfig(token_length=TOKENS, lora_dim=RANK))
+    full_parameters = dict(full.named_parameters())
+    with torch.no_grad():
+        for name, parameter in quantized.named_parameters():
+            if ".rein_" in name:
+                parameter.copy_(full_parameters[name])
+    images = pixels(2)
+    with torch.no_grad():
+        expected, actual = full(pixel_values=images).logits, quantized.eval()(pixel_values=images).logits
+    error = ((actual - expected).norm() / expected.norm()).item()
+    assert 0 < error < 0.05  # int8 rounding of the backbone, not a lost adapter
+    quantized.train()
+    loss = quantized(pixel_values=images, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    gradients = [p.grad for name, p in quantized.named_parameters() if ".rein_tokens_a." in name]
+    assert len(gradients) == 2 and all(gradient.abs().max() > 0 for gradient in gradients)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--backbone", "convnext", "--decoder", "upernet"],
+        ["--backbone", "dinov3_convnext", "--decoder", "mask2former", "--link_token_to_query"],
+    ],
+)
+def test_the_segmentation_example_trains_rein_on_a_staged_backbone(tmp_path, flags):
+    """examples/train_semantic_segmentation.py with `--backbone`: a real Trainer run on the embedded task; the adapter
+    file holds one Rein per stage and reloads to the same mIoU."""
+    sys.path.insert(0, str(EXAMPLES))
+    from train_semantic_segmentation import main
+
+    quick = ["--max_train_samples", "32", "--max_eval_samples", "16", "--num_train_epochs", "1", "--skip_baseline"]
+    results = main(["--output_dir", str(tmp_path), *quick, *flags])
+    assert results["miou_reloaded"] == results["miou_after"]
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    stages = {key.split(".rein.")[0].rsplit(".", 1)[-1] for key in tensors if ".rein." in key}
+    assert stages == {"0", "1", "2", "3"}
