@@ -1,6 +1,7 @@
 """What Rein costs: inference, training step, training memory and adapter size, side by side in one process, against
 the bare frozen model, PEFT LoRA (r=16 on query/value) and full fine-tuning, on ViT-S/16, ViT-B/16 and ViT-L/16-sized
-models built from configs (weights do not change speed).
+models built from configs (weights do not change speed), and on a ConvNeXt-T-sized one (`--configs CNX-T@224x8`: one
+Rein per stage; LoRA r=16 on the blocks' pointwise layers, which ConvNeXt has instead of query/value).
 
     python benchmarks/overhead.py                       # the CPU run whose results are in benchmarks/results/
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --configs B@224x64 L@512x8
@@ -26,11 +27,13 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
 import rein_peft
 
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}  # hidden size, layers, heads
+CONVNEXT_SIZES = {"CNX-T": ([96, 192, 384, 768], [3, 3, 9, 3])}  # ConvNeXt-T: each stage's width and depth
+CONVNEXT_PATCH, CONVNEXT_KERNEL = 4, 7  # the stem's stride; the depthwise kernel
 METHODS = ("bare", "rein", "rein_lora16", "lora16", "full")
 TOKENS, RANK, PATCH, LABELS = 100, 16, 16, 10
 
@@ -48,10 +51,16 @@ class Setting:
         return cls(size, int(resolution), int(batch))
 
     def __str__(self) -> str:
-        return f"ViT-{self.size}/16 {self.resolution}px batch {self.batch}"
+        name = "ConvNeXt-T" if self.size in CONVNEXT_SIZES else f"ViT-{self.size}/16"
+        return f"{name} {self.resolution}px batch {self.batch}"
 
 
-def build(method: str, setting: Setting, dtype: torch.dtype, device: str) -> torch.nn.Module:
+def _base_model(setting: Setting) -> tuple[torch.nn.Module, list[str]]:
+    """The model of a setting, and the modules LoRA adapts in it."""
+    if setting.size in CONVNEXT_SIZES:
+        widths, depths = CONVNEXT_SIZES[setting.size]
+        config = ConvNextConfig(hidden_sizes=widths, depths=depths, image_size=setting.resolution, num_labels=LABELS)
+        return ConvNextForImageClassification(config), ["pwconv1", "pwconv2"]
     hidden, layers, heads = SIZES[setting.size]
     config = ViTConfig(
         hidden_size=hidden,
@@ -62,14 +71,19 @@ def build(method: str, setting: Setting, dtype: torch.dtype, device: str) -> tor
         patch_size=PATCH,
         num_labels=LABELS,
     )
+    return ViTForImageClassification(config), ["q_proj", "v_proj"]
+
+
+def build(method: str, setting: Setting, dtype: torch.dtype, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = ViTForImageClassification(config).to(device, dtype).eval()
+    model, lora_targets = _base_model(setting)
+    model = model.to(device, dtype).eval()
     if method == "bare":
         return model.requires_grad_(False)
     if method == "full":
         return model
     if method == "lora16":
-        lora = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+        lora = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=lora_targets, modules_to_save=["classifier"])
         return get_peft_model(model, lora)
     rein = rein_peft.ReinConfig(
         token_length=TOKENS, lora_dim=RANK if method == "rein_lora16" else None, modules_to_save=["classifier"]
@@ -77,17 +91,38 @@ def build(method: str, setting: Setting, dtype: torch.dtype, device: str) -> tor
     return get_peft_model(model, rein)
 
 
+def _convnext_flops(setting: Setting) -> tuple[float, float, float, float]:
+    """(base, Rein on the input, Rein's input-independent projections per image, LoRA) multiply-adds per image of a
+    ConvNeXt: stage s has N_s = (resolution / (4 * 2^s))^2 positions of width C_s; a block costs N (8 C^2 + 49 C)
+    (two pointwise layers, a 7x7 depthwise one), the stem N_0 * 48 C_0 and each downsampling N_s * 4 C_(s-1) C_s;
+    Rein as for a ViT layer, with each stage's width; LoRA r on both pointwise layers N * 10 r C."""
+    widths, depths = CONVNEXT_SIZES[setting.size]
+    base = rein_input = rein_static = lora = 0.0
+    for stage, (width, depth) in enumerate(zip(widths, depths, strict=True)):
+        tokens = (setting.resolution // (CONVNEXT_PATCH * 2**stage)) ** 2
+        base += depth * tokens * (8 * width**2 + CONVNEXT_KERNEL**2 * width)
+        base += tokens * (3 * CONVNEXT_PATCH**2 * width if stage == 0 else 4 * widths[stage - 1] * width)
+        rein_input += depth * tokens * (2 * TOKENS * width + width**2)
+        rein_static += depth * (2 * TOKENS - 1) * width**2 / setting.batch
+        lora += depth * tokens * 10 * RANK * width
+    return base, rein_input, rein_static, lora
+
+
 def flop_model(setting: Setting) -> dict[str, float]:
     """Multiply-adds per image. A ViT layer: ~12 N C^2 + 2 N^2 C. Rein per layer: N (2 M C + C^2) on the input, plus
     (M - 1) C^2 + M C^2 for the token projections that do not depend on it (cached in eval mode). A training step
     costs the forward, the input gradients (about one forward) for every layer, and weight gradients (about one
-    forward more) only where weights train: all of them for full fine-tuning, the adapters for Rein and LoRA."""
-    hidden, layers, _ = SIZES[setting.size]
-    tokens = (setting.resolution // PATCH) ** 2 + 1
-    base = layers * (12 * tokens * hidden**2 + 2 * tokens**2 * hidden)
-    rein_input = layers * tokens * (2 * TOKENS * hidden + hidden**2)
-    rein_static = layers * (2 * TOKENS - 1) * hidden**2 / setting.batch  # per image, computed once per batch
-    lora = layers * 2 * tokens * 2 * RANK * hidden
+    forward more) only where weights train: all of them for full fine-tuning, the adapters for Rein and LoRA.
+    ConvNeXt: see `_convnext_flops`."""
+    if setting.size in CONVNEXT_SIZES:
+        base, rein_input, rein_static, lora = _convnext_flops(setting)
+    else:
+        hidden, layers, _ = SIZES[setting.size]
+        tokens = (setting.resolution // PATCH) ** 2 + 1
+        base = layers * (12 * tokens * hidden**2 + 2 * tokens**2 * hidden)
+        rein_input = layers * tokens * (2 * TOKENS * hidden + hidden**2)
+        rein_static = layers * (2 * TOKENS - 1) * hidden**2 / setting.batch  # per image, computed once per batch
+        lora = layers * 2 * tokens * 2 * RANK * hidden
     return {
         "inference_rein_over_bare": 1 + rein_input / base,
         "train_rein_over_full": (2 * base + 3 * rein_input + rein_static) / (3 * base),
