@@ -556,3 +556,36 @@ def test_the_segmentation_example_trains_rein_on_a_staged_backbone(tmp_path, fla
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     stages = {key.split(".rein.")[0].rsplit(".", 1)[-1] for key in tensors if ".rein." in key}
     assert stages == {"0", "1", "2", "3"}
+
+
+def test_a_staged_adapter_goes_through_the_hub(tmp_path):
+    """push_to_hub and PeftModel.from_pretrained through the real huggingface_hub client and a loopback Hub
+    (tests/hub_server.py, as in tests/test_hub.py): one Rein per stage comes back with the same numbers."""
+    from hub_server import serve_hub
+    from test_hub import run_client
+
+    script = """
+        from transformers import ConvNextConfig, ConvNextForImageClassification
+
+        def convnext():
+            torch.manual_seed(0)
+            config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 4], depths=[2, 1], num_labels=3)
+            return ConvNextForImageClassification(config).eval()
+
+        model = get_peft_model(convnext(), rein_peft.ReinConfig(token_length=5, modules_to_save=["classifier"]))
+        randomize(model, seed=1)
+        model.push_to_hub("tester/rein-convnext")
+        loaded = PeftModel.from_pretrained(convnext(), "tester/rein-convnext").eval()
+        pushed, pulled = adapter_state(model.eval()), adapter_state(loaded)
+        torch.save({"pushed": pushed, "pulled": pulled}, os.path.join(OUT, "states.pt"))
+        report(files=sorted(api.list_repo_files("tester/rein-convnext")))
+    """
+    with serve_hub() as hub:
+        result = run_client(hub, tmp_path, script)
+    assert "adapter_model.safetensors" in result["files"]
+    states = torch.load(tmp_path / "states.pt")
+    pushed, pulled = states["pushed"], states["pulled"]
+    assert {key.split(".rein.")[0].rsplit(".", 1)[-1] for key in pushed["weights"] if ".rein." in key} == {"0", "1"}
+    assert pulled["weights"].keys() == pushed["weights"].keys()
+    assert all(torch.equal(pulled["weights"][name], tensor) for name, tensor in pushed["weights"].items())
+    assert_same_numbers(pulled["logits"], pushed["logits"])
