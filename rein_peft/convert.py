@@ -44,8 +44,11 @@ OFFICIAL_TO_REIN_PEFT = {
 OFFICIAL_MODULE_NAME = "reins"
 OFFICIAL_HEAD_PREFIX = "decode_head."
 OFFICIAL_BACKBONE_PREFIX = "backbone."
+# mmseg's SegDataPreProcessor: the normalisation constants, if a checkpoint keeps them
+OFFICIAL_PREPROCESSOR_PREFIX = "data_preprocessor."
 # the official head's Linear(Q, Q) from Rein's linked queries to the content queries (`replace_query_feat=True`)
 OFFICIAL_QUERY_FEAT = "querys2feat"
+REIN_QUERY_FEAT = "rein_query_feat"
 
 # Name rules: (official name pattern, target). A target is a template formatted with the pattern's groups (`{i1}` is
 # group `i` plus one), or a tuple of templates: the official tensor is split into that many equal chunks along dim 0
@@ -297,6 +300,8 @@ def map_official_checkpoint(
                 f"{type(base_model).__name__} takes Rein's tensors only; convert into a "
                 "Mask2FormerForUniversalSegmentation to use the decode head and the backbone too"
             )
+        elif key.startswith(OFFICIAL_PREPROCESSOR_PREFIX):
+            mapping.unused[key] = "normalisation constants (ImageNet mean/std of 0-255 RGB): the image processor's job"
         elif key.startswith(OFFICIAL_HEAD_PREFIX):
             head[key[len(OFFICIAL_HEAD_PREFIX) :]] = tensor
         elif key.startswith(OFFICIAL_BACKBONE_PREFIX):
@@ -331,7 +336,7 @@ def map_official_checkpoint(
     for name, tensor in head.items():
         key = OFFICIAL_HEAD_PREFIX + name
         if name.startswith(f"{OFFICIAL_QUERY_FEAT}."):
-            mapping.adapter_tensors["rein_query_feat" + name[len(OFFICIAL_QUERY_FEAT) :]] = tensor
+            mapping.adapter_tensors[REIN_QUERY_FEAT + name[len(OFFICIAL_QUERY_FEAT) :]] = tensor
         elif linked and name == "query_embed.weight":
             mapping.unused[key] = "Rein's linked queries are the positional queries"
         elif (targets := _rename(name, _HEAD_RULES)) is None:
@@ -370,18 +375,19 @@ def map_official_checkpoint(
 
 def load_official_model_tensors(base_model: nn.Module, mapping: OfficialCheckpointMapping) -> None:
     """Copy the head and backbone tensors of `mapping` into `base_model` (before it is wrapped, so that the copies
-    `modules_to_save` makes start from them)."""
-    if not mapping.model_tensors:
-        return
-    incompatible = base_model.load_state_dict(mapping.model_tensors, strict=False)
-    if incompatible.unexpected_keys:  # map_official_checkpoint checked every key against this model
-        raise OfficialCheckpointError(f"The model has no {incompatible.unexpected_keys[:20]}.")
+    `modules_to_save` makes start from them), and log what the checkpoint holds that goes nowhere."""
     if mapping.unused:
+        first_key, why = next(iter(mapping.unused.items()))
         logger.warning(
-            "%d tensor(s) of the official checkpoint are not used: %s",
+            "%d tensor(s) of the official checkpoint are not used, e.g. '%s': %s",
             len(mapping.unused),
-            "; ".join(f"{key} ({why})" for key, why in list(mapping.unused.items())[:5]),
+            first_key,
+            why,
         )
+    if mapping.model_tensors:
+        incompatible = base_model.load_state_dict(mapping.model_tensors, strict=False)
+        if incompatible.unexpected_keys:  # map_official_checkpoint checked every key against this model
+            raise OfficialCheckpointError(f"The model has no {incompatible.unexpected_keys[:20]}.")
 
 
 def config_from_official(tensors: Mapping[str, torch.Tensor], **config_kwargs: Any) -> ReinConfig:

@@ -274,6 +274,13 @@ def test_unknown_and_ill_fitting_tensors_raise_naming_them():
         map_official_checkpoint(kept, tiny_mask2former())
 
 
+def test_the_preprocessor_constants_are_listed_as_unused():
+    state_dict = {**synthetic_checkpoint(), "data_preprocessor.mean": torch.tensor([123.675, 116.28, 103.53])}
+    mapping = map_official_checkpoint(state_dict, tiny_mask2former())
+    assert list(mapping.unused) == ["data_preprocessor.mean"]
+    assert "image processor" in mapping.unused["data_preprocessor.mean"]
+
+
 def test_a_failed_conversion_leaves_the_model_unchanged():
     base = tiny_mask2former()
     before = {key: value.clone() for key, value in base.state_dict().items()}
