@@ -13,6 +13,7 @@ from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
 from .quantization import is_backbone_linear
+from .rollback import register_rollback, unchanged_on_failure
 from .segmentation import check_label_maps, segmentation_ignore_index
 from .sharding import gather_adapter_state_dict
 from .training import create_rein_optimizer, rein_parameter_groups
@@ -21,11 +22,13 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register Rein in PEFT's method tables and model cards. Runs on import; calling it again changes nothing."""
+    """Register Rein in PEFT's method tables and model cards, and make failed adapter loads leave the model as it
+    was (see `rein_peft.rollback`). Runs on import; calling it again changes nothing."""
     PEFT_TYPE_TO_CONFIG_MAPPING[ReinPeftType.REIN] = ReinConfig
     PEFT_TYPE_TO_TUNER_MAPPING[ReinPeftType.REIN] = ReinModel
     PEFT_TYPE_TO_PREFIX_MAPPING[ReinPeftType.REIN] = ReinModel.prefix
     register_model_card()
+    register_rollback()
 
 
 register()
@@ -47,4 +50,5 @@ __all__ = [
     "register",
     "rein_parameter_groups",
     "segmentation_ignore_index",
+    "unchanged_on_failure",
 ]

@@ -23,6 +23,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from .config import ReinConfig
 from .model import _tensor_stem
+from .rollback import unchanged_on_failure
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ def map_official_checkpoint(
 
 
 def load_official_model_tensors(base_model: nn.Module, mapping: OfficialCheckpointMapping) -> None:
-    """Copy the head and backbone tensors of `mapping` into `base_model` (before it is wrapped, so that the copies
+    """Put the head and backbone tensors of `mapping` into `base_model` (before it is wrapped, so that the copies
     `modules_to_save` makes start from them), and log what the checkpoint holds that goes nowhere."""
     if mapping.unused:
         first_key, why = next(iter(mapping.unused.items()))
@@ -384,10 +385,18 @@ def load_official_model_tensors(base_model: nn.Module, mapping: OfficialCheckpoi
             first_key,
             why,
         )
-    if mapping.model_tensors:
-        incompatible = base_model.load_state_dict(mapping.model_tensors, strict=False)
-        if incompatible.unexpected_keys:  # map_official_checkpoint checked every key against this model
-            raise OfficialCheckpointError(f"The model has no {incompatible.unexpected_keys[:20]}.")
+    if not mapping.model_tensors:
+        return
+    model_state = base_model.state_dict()
+    # new tensors in the model's dtype and device, assigned rather than copied into the old ones, so that
+    # `unchanged_on_failure` can put the old ones back; `requires_grad` stays the model's
+    tensors = {
+        key: tensor.to(device=model_state[key].device, dtype=model_state[key].dtype, copy=True)
+        for key, tensor in mapping.model_tensors.items()
+    }
+    incompatible = base_model.load_state_dict(tensors, strict=False, assign=True)
+    if incompatible.unexpected_keys:  # map_official_checkpoint checked every key against this model
+        raise OfficialCheckpointError(f"The model has no {incompatible.unexpected_keys[:20]}.")
 
 
 def config_from_official(tensors: Mapping[str, torch.Tensor], **config_kwargs: Any) -> ReinConfig:
@@ -435,23 +444,27 @@ def convert_official_checkpoint(
         The `PeftModel` carrying the converted adapter. The 0-dim official `scale` becomes shape `[1]`.
 
     Raises:
-        OfficialCheckpointError: See `map_official_checkpoint`; nothing is changed then.
+        OfficialCheckpointError: See `map_official_checkpoint`. On this or any other error (e.g. a decoder whose
+            query count is not the token length) `base_model` is left as it was.
     """
     mapping = map_official_checkpoint(checkpoint, base_model)
     if any(key.startswith(MASK2FORMER_HEAD_PREFIXES) for key in mapping.model_tensors):
         config_kwargs.setdefault("modules_to_save", list(MASK2FORMER_DECODER_MODULES))
     config = config_from_official(mapping.rein_tensors, **config_kwargs)
-    load_official_model_tensors(base_model, mapping)
-    peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    # PEFT loads modules_to_save from the same state dict: keep their values (copied from the loaded head)
-    adapter_state_dict = {
-        key: tensor
-        for key, tensor in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
-        if _tensor_stem(key) is None
-    }
-    for name, tensor in mapping.rein_tensors.items():
-        adapter_state_dict[OFFICIAL_TO_REIN_PEFT[name]] = tensor.reshape(1) if name == "scale" else tensor
-    set_peft_model_state_dict(peft_model, {**adapter_state_dict, **mapping.adapter_tensors}, adapter_name=adapter_name)
+    # a checkpoint that does not fit leaves `base_model` as it was (the head's tensors are assigned, not copied into)
+    with unchanged_on_failure(base_model):
+        load_official_model_tensors(base_model, mapping)
+        peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
+        # PEFT loads modules_to_save from the same state dict: keep their values (copied from the loaded head)
+        adapter_state_dict = {
+            key: tensor
+            for key, tensor in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
+            if _tensor_stem(key) is None
+        }
+        for name, tensor in mapping.rein_tensors.items():
+            adapter_state_dict[OFFICIAL_TO_REIN_PEFT[name]] = tensor.reshape(1) if name == "scale" else tensor
+        adapter_state_dict |= mapping.adapter_tensors
+        set_peft_model_state_dict(peft_model, adapter_state_dict, adapter_name=adapter_name)
     if output_dir is not None:
         peft_model.save_pretrained(output_dir, selected_adapters=[adapter_name])
     return peft_model

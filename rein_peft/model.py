@@ -29,6 +29,7 @@ from .layer import (
     ReinSettings,
 )
 from .quantization import refuse_quantized_modules_to_save
+from .rollback import unchanged_on_failure
 
 # attribute under which the ReinLayer hangs on the module that holds the encoder layers; it must not start with
 # the method prefix "rein_", which marks the adapter's own tensors
@@ -104,6 +105,19 @@ def get_queries(model: nn.Module, adapter_name: str = "default") -> torch.Tensor
 REIN_HOOK_TYPES = (ReinHook, ReinQueryHook, ReinImageSizeCheck)
 
 
+def _refuse_unknown_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> None:
+    """PEFT silently skips a `modules_to_save` entry that names no module, so a typo leaves the task head untrained
+    and unsaved: refuse it. An entry matches the modules whose names end with it, as in PEFT."""
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [entry for entry in modules_to_save or [] if not any(name.endswith(entry) for name in names)]
+    if unknown:
+        top_level = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"modules_to_save={modules_to_save} names modules that {type(model).__name__} does not have: {unknown}. "
+            f"Use names from `model.named_modules()`; its top-level modules are {top_level}."
+        )
+
+
 def _has_hook(module: nn.Module, hook_type: type) -> bool:
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return any(isinstance(hook, hook_type) for hook in hooks)
@@ -153,11 +167,31 @@ class ReinModel(BaseTuner):
 
     # --- injection -------------------------------------------------------------------------------------------------
 
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """PEFT's injection; if it fails (a model Rein cannot wrap, a config that does not fit), `model` is left
+        exactly as it was."""
+        with unchanged_on_failure(model):
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+
     def _prepare_adapter_config(self, peft_config: ReinConfig, model_config: dict) -> ReinConfig:
         # target_modules=None means "the vision encoder's layers", resolved from the model in _prepare_model
         return peft_config
 
     def _prepare_model(self, peft_config: ReinConfig, model: nn.Module) -> None:
+        _refuse_unknown_modules_to_save(model, peft_config.modules_to_save)
         refuse_quantized_modules_to_save(model, peft_config.modules_to_save)
         # read by _check_target_module_exists and _create_and_replace during this injection only
         self._injection: tuple[nn.Module, ReinTargets] = (model, discover(model, peft_config))

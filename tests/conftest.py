@@ -124,6 +124,26 @@ FAMILIES = {
 }
 
 
+# Two computations of the same numbers through different kernels, or through the same kernels on other memory or
+# another thread count (MKL's float32 results depend on both), agree to float32 rounding: a few ulps per operation,
+# over a tiny model's few dozen operations well below 1e-5 of the values' size. Bit-equality is asserted only where
+# the very same tensors go through the very same kernels (a cache hit, copied weights).
+FLOAT32_RTOL = 1e-5
+
+
+def assert_same_numbers(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FLOAT32_RTOL) -> None:
+    """Assert that two separately computed tensors hold the same numbers up to float32 rounding: each element within
+    `rtol` of itself plus `rtol` of the largest value compared (so values near zero are judged on the tensor's
+    scale, as rounding errors are)."""
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference, relative to the largest value of `expected` (compare with `FLOAT32_RTOL`)."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
 def build(family: Family, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return family.build().eval()

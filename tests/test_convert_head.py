@@ -28,7 +28,7 @@ DINO = "model.pixel_level_module.encoder"
 
 
 def tiny_mask2former(
-    decoder_layers: int = DEC_LAYERS + 1, num_labels: int = CLASSES
+    decoder_layers: int = DEC_LAYERS + 1, num_labels: int = CLASSES, num_queries: int = TOKENS
 ) -> tf.Mask2FormerForUniversalSegmentation:
     backbone = tf.Dinov2Config(
         hidden_size=C,
@@ -44,7 +44,7 @@ def tiny_mask2former(
     config = tf.Mask2FormerConfig(
         backbone_config=backbone,
         num_labels=num_labels,
-        num_queries=TOKENS,
+        num_queries=num_queries,
         hidden_dim=C,
         mask_feature_size=C,
         feature_size=C,
@@ -284,8 +284,15 @@ def test_the_preprocessor_constants_are_listed_as_unused():
 def test_a_failed_conversion_leaves_the_model_unchanged():
     base = tiny_mask2former()
     before = {key: value.clone() for key, value in base.state_dict().items()}
-    with pytest.raises(OfficialCheckpointError):
+    with pytest.raises(OfficialCheckpointError):  # refused while mapping, before anything is loaded
         convert_official_checkpoint({**synthetic_checkpoint(), "decode_head.conv_seg.weight": torch.zeros(1)}, base)
+    assert all(torch.equal(before[key], value) for key, value in base.state_dict().items())
+    # refused by Rein after the head's tensors went in: 7 queries for 6 tokens
+    base = tiny_mask2former(num_queries=TOKENS + 1)
+    before = {key: value.clone() for key, value in base.state_dict().items()}
+    with pytest.raises(ValueError, match="num_queries|token_length"):
+        convert_official_checkpoint(synthetic_checkpoint(), base)
+    assert base.state_dict().keys() == before.keys()
     assert all(torch.equal(before[key], value) for key, value in base.state_dict().items())
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FLOAT32_RTOL, assert_same_numbers
 from hub_server import serve_hub
 from huggingface_hub import ModelCard
 
@@ -132,7 +133,7 @@ def assert_same_adapter(loaded: dict, pushed: dict) -> None:
     assert loaded["weights"].keys() == pushed["weights"].keys()
     for name, tensor in pushed["weights"].items():
         assert torch.equal(loaded["weights"][name], tensor), name
-    assert torch.equal(loaded["logits"], pushed["logits"])
+    assert_same_numbers(loaded["logits"], pushed["logits"])
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,8 @@ def test_transformers_api_pipeline_and_auto_peft_model_load_from_the_hub(pushed:
             with torch.no_grad():
                 return model(pixel_values=pixels).logits
 
-        def error(a, b):
-            return (a - b).abs().max().item()
+        def error(a, b):  # relative to the largest logit
+            return ((a - b).abs().max() / b.abs().max()).item()
 
         reference = PeftModel.from_pretrained(hub_base(), ADAPTER_REPO)
         loaded = hub_base()
@@ -293,7 +294,7 @@ def test_transformers_api_pipeline_and_auto_peft_model_load_from_the_hub(pushed:
     """
     result = run_client(hub, tmp_path, script)
     assert result.pop("pipeline_top") == result.pop("reference_top")
-    assert all(error <= 1e-6 for error in result.values()), result
+    assert all(error <= FLOAT32_RTOL for error in result.values()), result
 
 
 def test_missing_repo_revision_or_weights_give_clear_errors(hub: str, tmp_path: Path):
