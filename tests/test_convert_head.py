@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
 from rein_peft import convert_official_checkpoint, get_queries
-from rein_peft.convert import OfficialCheckpointError, map_official_checkpoint
+from rein_peft.convert import OfficialCheckpointError, load_official_model_tensors, map_official_checkpoint
 
 # the tiny segmentor: C wide everywhere (GroupNorm needs 32k), 4 backbone stages, 3 deformable levels
 C, HEADS, POINTS, LEVELS, ENC_LAYERS, DEC_LAYERS, ENC_FFN, DEC_FFN, CLASSES = 32, 2, 4, 3, 2, 2, 64, 48, 3
@@ -499,3 +499,40 @@ def test_the_saved_adapter_carries_the_head(tmp_path):
         ).abs().max() > 1e-2
     assert_same_numbers(again.masks_queries_logits, expected.masks_queries_logits)
     assert_same_numbers(again.class_queries_logits, expected.class_queries_logits)
+
+
+def official_dinov2_features(state_dict: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """The official DinoVisionTransformer (facebookresearch/dinov2 blocks, LayerNorm eps 1e-6, no final norm on the
+    features, positions at their own size): each block's patch tokens as [B, C, H/p, W/p]."""
+    sd = {key.removeprefix("backbone."): value for key, value in state_dict.items() if ".reins." not in key}
+    batch, side = pixel_values.shape[0], IMAGE // PATCH
+    x = F.conv2d(pixel_values, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
+    x = torch.cat([sd["cls_token"].expand(batch, -1, -1), x.flatten(2).transpose(1, 2)], 1) + sd["pos_embed"]
+    features = []
+    for i in range(BACKBONE_LAYERS):
+        block = f"blocks.{i}"
+        h = F.layer_norm(x, (C,), sd[f"{block}.norm1.weight"], sd[f"{block}.norm1.bias"], eps=1e-6)
+        qkv = (h @ sd[f"{block}.attn.qkv.weight"].T + sd[f"{block}.attn.qkv.bias"]).view(batch, -1, 3, 2, C // 2)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, d]
+        attended = ((q @ k.transpose(-1, -2)) * (C // 2) ** -0.5).softmax(-1) @ v
+        attended = (
+            attended.transpose(1, 2).flatten(2) @ sd[f"{block}.attn.proj.weight"].T + sd[f"{block}.attn.proj.bias"]
+        )
+        x = x + sd[f"{block}.ls1.gamma"] * attended
+        h = F.layer_norm(x, (C,), sd[f"{block}.norm2.weight"], sd[f"{block}.norm2.bias"], eps=1e-6)
+        h = F.gelu(h @ sd[f"{block}.mlp.fc1.weight"].T + sd[f"{block}.mlp.fc1.bias"])
+        x = x + sd[f"{block}.ls2.gamma"] * (h @ sd[f"{block}.mlp.fc2.weight"].T + sd[f"{block}.mlp.fc2.bias"])
+        features.append(x[:, 1:].transpose(1, 2).reshape(batch, C, side, side))
+    return features
+
+
+def test_the_converted_dinov2_computes_the_official_blocks():
+    state_dict = synthetic_checkpoint()
+    model = tiny_mask2former()
+    load_official_model_tensors(model, map_official_checkpoint(state_dict, model))  # the base model alone, no Rein
+    pixel_values = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model.model.pixel_level_module.encoder(pixel_values).feature_maps
+        expected = official_dinov2_features(state_dict, pixel_values)
+    for feature, reference in zip(ours, expected, strict=True):
+        assert_same_numbers(feature, reference)
