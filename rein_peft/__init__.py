@@ -7,7 +7,7 @@
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from .config import ReinConfig, ReinPeftType
-from .convert import convert_official_checkpoint
+from .convert import OfficialCheckpointError, convert_official_checkpoint, map_official_checkpoint
 from .discovery import ReinUnsupportedModelError
 from .hub import register_model_card
 from .layer import ReinLayer
@@ -34,6 +34,7 @@ def register() -> None:
 register()
 
 __all__ = [
+    "OfficialCheckpointError",
     "ReinConfig",
     "ReinLayer",
     "ReinMergeError",
@@ -47,6 +48,7 @@ __all__ = [
     "gather_adapter_state_dict",
     "get_queries",
     "is_backbone_linear",
+    "map_official_checkpoint",
     "register",
     "rein_parameter_groups",
     "segmentation_ignore_index",
