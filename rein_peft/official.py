@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers.utils import ModelOutput
 
 from .config import ReinConfig
 from .pyramid import OFFICIAL_FEATURE_SCALES, Dinov2PyramidBackbone, Dinov2PyramidConfig
@@ -77,7 +79,7 @@ BACKBONE_MODULE = "model.pixel_level_module.encoder"
 LORA_TARGETS = BACKBONE_MODULE.replace(".", r"\.") + r"\.encoder\.layer\.\d+\.attention\.(q_proj|v_proj)"
 # what trains besides the backbone or its adapter: the pixel decoder, the transformer decoder and the class head
 HEAD_MODULES = ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"]
-METHODS = ("rein", "frozen", "full", "lora")
+METHODS = ("rein", "rein_full_rank", "frozen", "full", "lora")
 
 
 def _official_layers(num_layers: int) -> list[int]:
@@ -156,9 +158,10 @@ def _backbone_checkpoint_patch_size(backbone: str | os.PathLike) -> int:
 
 
 def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.Module:
-    """Make `model` train as `method` does: "rein" (the official Rein, a `PeftModel`), "frozen" (the backbone frozen,
-    the decoder trains), "full" (everything trains) or "lora" (PEFT LoRA r=16 on the backbone's query and value
-    projections, a `PeftModel`). The head (`HEAD_MODULES`) trains in every method."""
+    """Make `model` train as `method` does: "rein" (the official Rein, a `PeftModel`), "rein_full_rank" (the same with
+    full-rank tokens, the official `Reins`), "frozen" (the backbone frozen, the decoder trains), "full" (everything
+    trains) or "lora" (PEFT LoRA r=16 on the backbone's query and value projections, a `PeftModel`). The head
+    (`HEAD_MODULES`) trains in every method."""
     if method == "full":
         return model
     if method == "frozen":
@@ -173,9 +176,10 @@ def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.
             modules_to_save=HEAD_MODULES,
         )
         return get_peft_model(model, config)
-    if method == "rein":
+    if method in ("rein", "rein_full_rank"):
+        rein = {**OFFICIAL_REIN, "lora_dim": None} if method == "rein_full_rank" else OFFICIAL_REIN
         config = ReinConfig(
-            **OFFICIAL_REIN,
+            **rein,
             token_length=model.config.num_queries,  # the tokens become the decoder's queries: one each
             query_dims=model.config.hidden_dim,
             modules_to_save=HEAD_MODULES,
@@ -206,8 +210,9 @@ def build_official_segmenter(
             the pyramid backbone. `None`: random weights (for shape checks and timing).
         num_labels: Classes of the dataset (19 for Cityscapes train ids).
         method: "rein" (Rein with 100 low-rank tokens of rank 16 after every layer, its tokens linked to the
-            decoder's queries, the head trained with it), "frozen" (frozen backbone, the decoder trains), "full"
-            (everything trains) or "lora" (PEFT LoRA r=16 on query/value, and the head).
+            decoder's queries, the head trained with it), "rein_full_rank" (the same with full-rank tokens), "frozen"
+            (frozen backbone, the decoder trains), "full" (everything trains) or "lora" (PEFT LoRA r=16 on
+            query/value, and the head).
         config: The segmenter's config; default `official_segmenter_config(backbone, num_labels)`. Pass a scaled-down
             one for tests.
 
@@ -245,3 +250,29 @@ def build_official_segmenter(
             )
         model.get_submodule(BACKBONE_MODULE).load_state_dict(pretrained.state_dict())
     return apply_method(model, method)
+
+
+# --- training and evaluating it on semantic label maps ---------------------------------------------------------------
+
+
+def mask_targets(label_maps: torch.Tensor, ignore_index: int) -> dict[str, list[torch.Tensor]]:
+    """Mask2Former's targets from semantic label maps `[B, H, W]`: per image, one binary mask `[K_i, H, W]` for each
+    class present (the ignored pixels in none) and those classes `[K_i]`, as mmsegmentation's Mask2Former head makes
+    them."""
+    classes = [label_map[label_map != ignore_index].unique() for label_map in label_maps]
+    masks = [
+        (label_map[None] == present[:, None, None]).float()
+        for label_map, present in zip(label_maps, classes, strict=True)
+    ]
+    return {"mask_labels": masks, "class_labels": classes}
+
+
+def semantic_logits(outputs: ModelOutput) -> torch.Tensor:
+    """Per-class scores `[B, K, h, w]` from a segmenter's outputs: `logits` where it has them (UperNet), else
+    Mask2Former's queries combined as the official head does at inference: the softmax over classes (without the
+    no-object class) times each query's sigmoid mask, summed over queries."""
+    if getattr(outputs, "logits", None) is not None:
+        return outputs.logits
+    class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K]
+    mask_probs = outputs.masks_queries_logits.sigmoid()  # [B, Q, h, w]
+    return torch.einsum("bqk,bqhw->bkhw", class_probs, mask_probs)

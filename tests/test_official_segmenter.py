@@ -3,11 +3,15 @@ at full size (built on the meta device) and a scaled-down copy that loads a chec
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
 from conftest import HEADS, MLP, pixels
 from peft import PeftModel
+from safetensors.torch import load_file
 from torch import nn
 
 import rein_peft
@@ -36,6 +40,7 @@ TINY_DECODER = {
     "train_num_points": 64,
 }
 NUM_LABELS, SIDE = 3, 64
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BACKBONE = "model.pixel_level_module.encoder"
 
 
@@ -217,3 +222,22 @@ def test_official_segmenter_refuses_bad_inputs(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="4 distinct layers"):
         official_segmenter_config(tf.Dinov2Config(**{**TINY_BACKBONE, "num_hidden_layers": 2}))
     assert rein_peft.build_official_segmenter is build_official_segmenter
+
+
+def test_segmentation_example_trains_the_official_segmenter(tmp_path):
+    """`--official_segmenter`: the pyramid Mask2Former, scaled down to the embedded backbone, with Rein as official."""
+    sys.path.insert(0, str(EXAMPLES))
+    from train_semantic_segmentation import EMBEDDED_OFFICIAL_DECODER, main
+
+    quick = ["--max_train_samples", "32", "--max_eval_samples", "16", "--num_train_epochs", "1", "--skip_baseline"]
+    results = main(["--output_dir", str(tmp_path), "--official_segmenter", *quick])
+    assert results["miou_reloaded"] == results["miou_after"]
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    queries, width = EMBEDDED_OFFICIAL_DECODER["num_queries"], EMBEDDED_OFFICIAL_DECODER["hidden_dim"]
+    tokens_a = next(tensor for key, tensor in tensors.items() if key.endswith("rein_tokens_a"))
+    assert tuple(tokens_a.shape) == (4, queries, 16)  # the official LoRA tokens, one per query, in all 4 layers
+    assert any(key.endswith("rein_query_feat.weight") for key in tensors)
+    head = sum(tensor.numel() for key, tensor in tensors.items() if ".rein." not in key)
+    rein = sum(tensor.numel() for key, tensor in tensors.items() if ".rein." in key)
+    assert rein == rein_parameters(4, queries, 16, 64, width) + linear_parameters(width)
+    assert results["trainable_parameters"] == rein + head
