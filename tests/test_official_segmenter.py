@@ -241,3 +241,21 @@ def test_segmentation_example_trains_the_official_segmenter(tmp_path):
     rein = sum(tensor.numel() for key, tensor in tensors.items() if ".rein." in key)
     assert rein == rein_parameters(4, queries, 16, 64, width) + linear_parameters(width)
     assert results["trainable_parameters"] == rein + head
+
+
+def test_domain_generalization_benchmark_compares_methods_on_the_official_segmenter(tmp_path, monkeypatch):
+    """`--segmenter official`: every method on the same pyramid Mask2Former, Rein as the official one."""
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
+    import domain_generalization as dg
+
+    flags = ["--quick", "--segmenter", "official", "--methods", "frozen", "rein_lora16"]
+    result = dg.main([*flags, "--cache_dir", str(tmp_path / "cache"), "--output", str(tmp_path)])
+    assert (tmp_path / "domain_generalization_official_quick.json").is_file()
+    summary, width = result["summary"], dg.QUICK_RECIPE.hidden
+    queries, query_width = dg.MINIATURE_OFFICIAL_DECODER["num_queries"], result["settings"]["decoder_channels"]
+    head = summary["frozen"]["trainable_params"]
+    assert summary["frozen"]["trainable_backbone_params"] == 0
+    rein = rein_parameters(4, queries, 16, width, query_width) + linear_parameters(query_width)
+    assert summary["rein_lora16"]["trainable_backbone_params"] == rein
+    assert summary["rein_lora16"]["trainable_params"] == head + rein
+    assert all(0 <= run["source_miou"] <= 1 for run in result["runs"])
