@@ -114,9 +114,13 @@ def _pyramid_config(backbone_config: Dinov2Config | str | os.PathLike | None) ->
     return Dinov2PyramidConfig(**{key: value for key, value in geometry.items() if key not in ignored}, **pyramid)
 
 
+def _patch_size(config: Dinov2Config) -> int:
+    return config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+
+
 def _feature_strides(config: Dinov2PyramidConfig) -> list[int]:
     """Stride of each pyramid level: patch / scale (4, 8, 16, 32 for patch 16)."""
-    patch_size = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    patch_size = _patch_size(config)
     strides = [patch_size / scale for scale in config.feature_scales]
     if any(stride != int(stride) for stride in strides):
         raise ValueError(
@@ -150,11 +154,6 @@ def official_segmenter_config(
     strides = _feature_strides(backbone)
     settings = {**OFFICIAL_DECODER, "feature_strides": strides, "common_stride": min(strides), **overrides}
     return Mask2FormerConfig(backbone_config=backbone, num_labels=num_labels, **settings)
-
-
-def _backbone_checkpoint_patch_size(backbone: str | os.PathLike) -> int:
-    patch_size = Dinov2Config.from_pretrained(backbone).patch_size
-    return patch_size if isinstance(patch_size, int) else patch_size[0]
 
 
 def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.Module:
@@ -208,7 +207,7 @@ def build_official_segmenter(
         backbone: A DINOv2 checkpoint at patch 16 (name or folder; resize a released DINOv2 with
             `resize_patch_embedding` or `python -m rein_peft.resize_backbone` first), whose weights are loaded into
             the pyramid backbone. `None`: random weights (for shape checks and timing).
-        num_labels: Classes of the dataset (19 for Cityscapes train ids).
+        num_labels: Classes of the dataset (19 for Cityscapes train ids); with `config`, the config's count is used.
         method: "rein" (Rein with 100 low-rank tokens of rank 16 after every layer, its tokens linked to the
             decoder's queries, the head trained with it), "rein_full_rank" (the same with full-rank tokens), "frozen"
             (frozen backbone, the decoder trains), "full" (everything trains) or "lora" (PEFT LoRA r=16 on
@@ -217,7 +216,7 @@ def build_official_segmenter(
             one for tests.
 
     Returns:
-        A `PeftModel` for "rein" and "lora", else the `Mask2FormerForUniversalSegmentation` itself.
+        A `PeftModel` for "rein", "rein_full_rank" and "lora", else the `Mask2FormerForUniversalSegmentation`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -229,9 +228,9 @@ def build_official_segmenter(
             " Build the config with `rein_peft.official_segmenter_config(...)`."
         )
     if backbone is not None:
-        checkpoint_patch = _backbone_checkpoint_patch_size(backbone)
-        backbone_patch = config.backbone_config.patch_size
-        if checkpoint_patch != (backbone_patch if isinstance(backbone_patch, int) else backbone_patch[0]):
+        checkpoint_patch = _patch_size(Dinov2Config.from_pretrained(backbone))
+        backbone_patch = _patch_size(config.backbone_config)
+        if checkpoint_patch != backbone_patch:
             raise ValueError(
                 f"The checkpoint '{backbone}' has patch size {checkpoint_patch} but the segmenter's backbone "
                 f"{backbone_patch}. Resize it first: `python -m rein_peft.resize_backbone {backbone} <output_dir> "

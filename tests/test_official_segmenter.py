@@ -214,6 +214,10 @@ def test_official_segmenter_refuses_bad_inputs(tiny_checkpoint, tmp_path):
         official_segmenter_config(str(tmp_path))
     with pytest.raises(ValueError, match="patch size 14 but the segmenter's backbone 8.*resize_backbone"):
         build_official_segmenter(str(tmp_path), NUM_LABELS, config=tiny_config(tiny_checkpoint))
+    shallower = tmp_path / "shallower"
+    tf.Dinov2Model(tf.Dinov2Config(**{**TINY_BACKBONE, "num_hidden_layers": 4})).save_pretrained(shallower)
+    with pytest.raises(ValueError, match="does not fill the pyramid backbone: missing .*encoder.layer.4"):
+        build_official_segmenter(str(shallower), NUM_LABELS, config=tiny_config(tiny_checkpoint))
     with pytest.raises(ValueError, match="method must be one of"):
         build_official_segmenter(None, NUM_LABELS, method="adapter", config=tiny_config(tiny_checkpoint))
     plain = tf.Mask2FormerConfig(backbone_config=tf.Dinov2Config(**TINY_BACKBONE), **TINY_DECODER)
