@@ -367,3 +367,8 @@ def test_every_peft_case_is_run_or_not_applicable(peft_tests):
     stale = set(NOT_APPLICABLE) - common - custom
     assert not stale, f"NOT_APPLICABLE lists cases this PEFT version does not have: {sorted(stale)}"
     assert STOPS_AT_MERGING <= set(CUSTOM_RUNS)
+    # the per-case exclusions and allowances name cases that exist, of methods that are run
+    runs = set(COMMON_RUNS) | set(CUSTOM_RUNS)
+    for method, case in [*CASE_NOT_APPLICABLE, *ALLOWANCES]:
+        assert method in runs and case in CASES, (method, case)
+    assert not set(CASE_NOT_APPLICABLE) & set(ALLOWANCES)
