@@ -24,6 +24,11 @@ BASE_ADAPTER_NAME = "__base__"
 QUERY_CONTENT = "content"
 QUERY_POSITION = "position"
 
+NO_BASE_LAYER = (
+    "A ReinLayer has no `{attribute}`: it wraps no base layer, it holds the tensors of the Rein adapters that hooks "
+    "apply to the encoder layers' outputs."
+)
+
 
 @dataclass(frozen=True)
 class ReinSettings:
@@ -101,6 +106,16 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # BaseTunerLayer's `weight` and `bias` read a base layer, which a ReinLayer does not wrap (they would recurse
+        # forever): like a module without them, it raises AttributeError, so `hasattr` and `dir()`-based tools work
+        raise AttributeError(NO_BASE_LAYER.format(attribute="weight"))
+
+    @property
+    def bias(self) -> torch.Tensor:
+        raise AttributeError(NO_BASE_LAYER.format(attribute="bias"))
 
     def update_layer(
         self,
@@ -239,12 +254,14 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             return cached[2]
 
     def train(self, mode: bool = True) -> ReinLayer:
-        self.projection_cache = {}
+        self.projection_cache.clear()
         return super().train(mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
+        # in place, as PEFT deletes from its containers: a reference held elsewhere no longer holds the adapter either
+        for key in [key for key in self.projection_cache if key[0] == adapter_name]:
+            del self.projection_cache[key]
 
     def _untouched_rows(self, adapter_name: str, row: int, length: int) -> slice:
         """The rows of the sequence that pass through unrefined: the prefix tokens, and tokens that the model inserted
@@ -393,16 +410,27 @@ class ReinLayer(nn.Module, BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # A Rein layer has no base layer (PEFT's default would recurse forever): it follows its device anchor.
-        device = self.device_anchor.device if device is None else device
+        self.move_adapter(adapter_name, device=self.device_anchor.device if device is None else device)
+
+    def move_adapter(
+        self, adapter_name: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Move one adapter's tensors to `device` and/or cast them to `dtype`, leaving the other adapters as they are.
+
+        Args:
+            adapter_name: The adapter to move.
+            device: Where its tensors go; `None` keeps their device.
+            dtype: Their new floating dtype; `None` keeps it.
+        """
         for name in self.adapter_layer_names:
             container = getattr(self, name)
             if adapter_name not in container:
                 continue
             item = container[adapter_name]
             if isinstance(item, nn.Parameter):  # a new Parameter would require grad, frozen or not
-                container[adapter_name] = nn.Parameter(item.to(device), requires_grad=item.requires_grad)
+                container[adapter_name] = nn.Parameter(item.to(device, dtype), requires_grad=item.requires_grad)
             else:
-                container[adapter_name] = item.to(device)
+                container[adapter_name] = item.to(device, dtype)
 
 
 class ReinHook:

@@ -58,6 +58,12 @@ def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_na
     return args, {**kwargs, "adapter_names": adapter_names}
 
 
+def _floating_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype an encoder layer computes in: that of its floating-point parameters (a quantized layer's norms stay
+    floating point)."""
+    return next(param.dtype for param in layer.parameters() if param.is_floating_point())
+
+
 def _keep_out_of_disk_offload(model: nn.Module, rein_layer_name: str, device: torch.device) -> None:
     """When accelerate's `device_map` offloads the module that holds the encoder layers to disk as one block, give
     the `ReinLayer` inside it an entry of its own on its device: loaders that follow the map (transformers'
@@ -263,6 +269,22 @@ class ReinModel(BaseTuner):
             if isinstance(module, (ReinLayer, AuxiliaryTrainingWrapper)):
                 module.train(True)
         return self
+
+    # --- adapter dtype ---------------------------------------------------------------------------------------------
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's contract for `autocast_adapter_dtype` (of `get_peft_model`, `add_adapter`, `from_pretrained` and
+        `load_adapter`): `True` (the default) upcasts float16 / bfloat16 adapters to float32; `False` leaves the
+        adapter in the base model's dtype, a memory-saving choice. Rein's tensors are made in float32 rather than in
+        the dtype of a wrapped layer, so with `False` they are cast here to the dtype of the layers they refine."""
+        if autocast_adapter_dtype:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=True)
+            return
+        for rein_layer in find_rein_layers(self.model):
+            settings = rein_layer.rein_settings.get(adapter_name)
+            if settings is not None:
+                layer = self.model.get_submodule(next(iter(settings.layer_rows)))
+                rein_layer.move_adapter(adapter_name, dtype=_floating_dtype(layer))
 
     # --- mixed-adapter batches ------------------------------------------------------------------------------------
 
