@@ -7,9 +7,11 @@ With no flags it runs offline on an embedded task: a small DINOv2 built from a c
 The decoder is UperNet (`--decoder upernet`) or Mask2Former (`--decoder mask2former`, whose queries Rein's tokens can
 replace with `--link_token_to_query`), both over a `Dinov2Backbone`, or over a ConvNeXt / DINOv3 ConvNeXt backbone
 (`--backbone convnext` or `--backbone dinov3_convnext` for the embedded task; a checkpoint's family is read from its
-config), which gets one Rein per stage and feeds the decoder every stage. It trains the decoder over the frozen
-backbone alone (the baseline) and Rein with the same decoder, evaluates both on held-out images with mean IoU, saves
-the adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and prints a results table.
+config), which gets one Rein per stage and feeds the decoder every stage; `--official_segmenter` builds the official
+Rein segmenter instead (`rein_peft.build_official_segmenter`: Mask2Former over a feature pyramid, the official Rein).
+It trains the decoder over the frozen backbone alone (the baseline) and Rein with the same decoder, evaluates both on
+held-out images with mean IoU, saves the adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and
+prints a results table.
 """
 
 from __future__ import annotations
@@ -103,7 +105,28 @@ class ScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not train the frozen-backbone baseline."})
+    official_segmenter: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the official Rein segmenter (rein_peft.build_official_segmenter): Mask2Former over the "
+            "x4/x2/x1/x0.5 pyramid, official decoder (scaled down for the embedded backbone), official Rein "
+            "(lora_dim 16, linked queries; the Rein flags are ignored). Needs a patch-16 checkpoint (resize_backbone)."
+        },
+    )
 
+
+# the Mask2Former trained over the embedded backbone, and the official one's sizes scaled down to it
+SMALL_MASK2FORMER = {
+    "hidden_dim": 64,
+    "mask_feature_size": 64,
+    "feature_size": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 3,
+    "dim_feedforward": 128,
+    "encoder_feedforward_dim": 128,
+    "num_attention_heads": 4,
+}
+EMBEDDED_OFFICIAL_DECODER = {**SMALL_MASK2FORMER, "num_queries": 16, "train_num_points": 1024}
 
 # --- the embedded default: a tiny DINOv2 and scenes whose labels need more than one patch --------------------------
 
@@ -253,9 +276,12 @@ def backbone_kwargs(script: ScriptArguments, backbone_path: str) -> dict:
 
 def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: int) -> PretrainedConfig:
     """The config of the decoder over a backbone shaped like the checkpoint."""
-    backbone_config = AutoConfig.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
     names = CLASS_NAMES if script.dataset_name is None else [f"class {index}" for index in range(num_labels)]
     labels = {"num_labels": num_labels, "id2label": dict(enumerate(names))}
+    if script.official_segmenter:  # the official decoder; scaled down like the one below for the embedded backbone
+        scaled_down = EMBEDDED_OFFICIAL_DECODER if script.backbone_name_or_path is None else {}
+        return rein_peft.official_segmenter_config(backbone_path, **labels, **scaled_down)
+    backbone_config = AutoConfig.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
     if script.decoder == "upernet":
         return UperNetConfig(
             backbone_config=backbone_config, hidden_size=64, pool_scales=[1, 2, 4], use_auxiliary_head=False, **labels
@@ -263,14 +289,7 @@ def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: in
     return Mask2FormerConfig(
         backbone_config=backbone_config,
         num_queries=script.num_queries,
-        hidden_dim=64,
-        mask_feature_size=64,
-        feature_size=64,
-        encoder_layers=2,
-        decoder_layers=3,
-        dim_feedforward=128,
-        encoder_feedforward_dim=128,
-        num_attention_heads=4,
+        **SMALL_MASK2FORMER,
         common_stride=4,
         **labels,
     )
@@ -279,6 +298,8 @@ def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: in
 def load_segmenter(script: ScriptArguments, config: PretrainedConfig, backbone_path: str, seed: int) -> nn.Module:
     """The decoder (initialised from `seed`, the same for the baseline and Rein) over the checkpoint's backbone."""
     torch.manual_seed(seed)
+    if script.official_segmenter:
+        return rein_peft.build_official_segmenter(backbone_path, config.num_labels, method="full", config=config)
     model_class = (
         UperNetForSemanticSegmentation if script.decoder == "upernet" else Mask2FormerForUniversalSegmentation
     )
@@ -338,6 +359,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         fail(f"--decoder must be one of {sorted(DECODER_MODULES)}, got {script.decoder!r}.")
     if script.backbone not in EMBEDDED_BACKBONES:
         fail(f"--backbone must be one of {list(EMBEDDED_BACKBONES)}, got {script.backbone!r}.")
+    if script.official_segmenter and script.backbone != "dinov2":
+        fail("--official_segmenter is the official DINOv2 segmenter: it does not take --backbone.")
+    if script.official_segmenter:
+        script.decoder = "mask2former"
     check_writable(training.output_dir)
     push_to_hub, training.push_to_hub = training.push_to_hub, False  # the adapter alone is pushed at the end
     start = time.perf_counter()
@@ -349,8 +374,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             os.path.join(training.output_dir, "base-model"), script.backbone
         )
     processor = AutoImageProcessor.from_pretrained(backbone_path)
-    side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else DEFAULT_IMAGE_SIZE)
     model_config = segmenter_config(script, backbone_path, num_labels)
+    official_side = model_config.backbone_config.image_size if script.official_segmenter else DEFAULT_IMAGE_SIZE
+    side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else official_side)
     data = preprocess(splits, processor, side, model_config, script)
     collator = make_collator(model_config, script.decoder)
     modules_to_save = DECODER_MODULES[script.decoder]
@@ -369,12 +395,15 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         results["frozen_head_miou"] = mean_iou(baseline, data["validation"], side)
 
     base = load_model()
-    linked = rein.link_token_to_query and script.decoder == "mask2former"
+    linked = (rein.link_token_to_query and script.decoder == "mask2former") or script.official_segmenter
     config = rein.to_config(modules_to_save=modules_to_save)
     if linked:  # the tokens become the decoder's queries: one per query, as wide as the decoder
-        config.token_length, config.query_dims = script.num_queries, base.config.hidden_dim
+        config.token_length, config.query_dims = base.config.num_queries, base.config.hidden_dim
     try:
-        model = get_peft_model(base, config)
+        if script.official_segmenter:  # the official Rein (100 low-rank tokens of rank 16, linked), not the flags'
+            model = rein_peft.official.apply_method(base, "rein")
+        else:
+            model = get_peft_model(base, config)
     except ValueError as error:  # ReinUnsupportedModelError, a decoder that does not fit the linked queries, ...
         fail(str(error))
     model.print_trainable_parameters()

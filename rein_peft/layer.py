@@ -24,10 +24,6 @@ BASE_ADAPTER_NAME = "__base__"
 QUERY_CONTENT = "content"
 QUERY_POSITION = "position"
 
-# dtypes in which the residual is folded into the refinement's GEMM (`x @ (I + W)`): in float16 / bfloat16, I + W
-# would round W away next to the identity
-FULL_PRECISION = (torch.float32, torch.float64)
-
 NO_BASE_LAYER = (
     "A ReinLayer has no `{attribute}`: it wraps no base layer, it holds the tensors of the Rein adapters that hooks "
     "apply to the encoder layers' outputs."
@@ -259,12 +255,14 @@ class ReinLayer(nn.Module, BaseTunerLayer):
             return cached[2]
 
     def train(self, mode: bool = True) -> ReinLayer:
-        self.projection_cache = {}
+        self.projection_cache.clear()
         return super().train(mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.projection_cache = {key: entry for key, entry in self.projection_cache.items() if key[0] != adapter_name}
+        # in place, as PEFT deletes from its containers: a reference held elsewhere no longer holds the adapter either
+        for key in [key for key in self.projection_cache if key[0] == adapter_name]:
+            del self.projection_cache[key]
 
     def _untouched_rows(self, adapter_name: str, row: int, length: int) -> slice:
         """The rows of the sequence that pass through unrefined: the prefix tokens, and tokens that the model inserted
@@ -360,8 +358,7 @@ class ReinLayer(nn.Module, BaseTunerLayer):
         x = features.reshape(-1, hidden)  # [B*S, C]
         # In full precision the residual can ride in the GEMM, x @ (I + W) = x + x @ W, saving a pass over the
         # hidden states; with autocast or a lower-precision base it stays a separate add, so it is never rounded.
-        autocast = torch.is_autocast_enabled(x.device.type)
-        fold_residual = x.dtype in FULL_PRECISION and hidden_states.dtype == x.dtype and not autocast
+        fold_residual = hidden_states.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)
         weight_key = (adapter_name, "delta_f", fold_residual)  # shared by all layers
         weight = self._cached(weight_key, self._delta_weight, adapter_name, fold_residual)  # [C, C]
 

@@ -100,15 +100,18 @@ REIN_HOOK_TYPES = (ReinHook, ReinQueryHook, ReinImageSizeCheck)
 
 
 def _refuse_unknown_modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> None:
-    """PEFT silently skips a `modules_to_save` entry that names no module, so a typo leaves the task head untrained
-    and unsaved: refuse it. An entry matches the modules whose names end with it, as in PEFT."""
+    """PEFT silently skips `modules_to_save` that name no module, so a typo leaves the task head untrained and
+    unsaved: refuse a list of which no entry names a module (PEFT's `strict_module_check` rule; PEFT's task models
+    add both "classifier" and "score", of which a model has one). An entry matches the modules whose names end with
+    it, as in PEFT."""
+    if not modules_to_save:
+        return
     names = [name for name, _ in model.named_modules() if name]
-    unknown = [entry for entry in modules_to_save or [] if not any(name.endswith(entry) for name in names)]
-    if unknown:
+    if not any(name.endswith(entry) for entry in modules_to_save for name in names):
         top_level = [name for name, _ in model.named_children()]
         raise ValueError(
-            f"modules_to_save={modules_to_save} names modules that {type(model).__name__} does not have: {unknown}. "
-            f"Use names from `model.named_modules()`; its top-level modules are {top_level}."
+            f"modules_to_save={modules_to_save}: {type(model).__name__} has no module of these names. Use names "
+            f"from `model.named_modules()`; its top-level modules are {top_level}."
         )
 
 

@@ -61,9 +61,9 @@ def _self(args: tuple, kwargs: dict) -> list[nn.Module]:
     return [args[0]]
 
 
-def _model_argument(args: tuple, kwargs: dict) -> list[nn.Module]:
-    # PeftModel.from_pretrained(model, model_id, ...), a classmethod: the base model is its first argument
-    model = args[0] if args else kwargs["model"]
+def _base_model_argument(args: tuple, kwargs: dict) -> list[nn.Module]:
+    # PeftModel.from_pretrained(cls, model, model_id, ...): the base model follows the class
+    model = args[1] if len(args) > 1 else kwargs.get("model")
     return [model] if isinstance(model, nn.Module) else []
 
 
@@ -82,6 +82,4 @@ def register_rollback() -> None:
             setattr(owner, name, _restoring(method, model_of))
     from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
     if not getattr(from_pretrained, WRAPPED_MARK, False):
-        PeftModel.from_pretrained = classmethod(
-            _restoring(from_pretrained, lambda args, kwargs: _model_argument(args[1:], kwargs))
-        )
+        PeftModel.from_pretrained = classmethod(_restoring(from_pretrained, _base_model_argument))

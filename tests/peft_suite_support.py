@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tarfile
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import peft
@@ -65,25 +67,32 @@ def extract_peft_tests(sdist: Path, destination: Path) -> Path:
     return destination
 
 
-def provide_diffusers_placeholder() -> None:
+@contextmanager
+def diffusers_placeholder() -> Iterator[None]:
     """`testing_common` imports `diffusers.StableDiffusionPipeline` only to recognise Stable Diffusion pipelines in
     the cases that test them. Where diffusers is not installed, a module whose `StableDiffusionPipeline` no object is
-    an instance of stands in for it: the cases run here never build a pipeline, so every such check is False, as it
-    would be with diffusers installed."""
-    if importlib.util.find_spec("diffusers") is not None or "diffusers" in sys.modules:
+    an instance of stands in for it while PEFT's test modules are imported: the cases run here never build a pipeline,
+    so every such check is False, as it would be with diffusers installed. It is removed afterwards, so that nothing
+    else takes diffusers for installed."""
+    if importlib.util.find_spec("diffusers") is not None:
+        yield
         return
     placeholder = types.ModuleType("diffusers")
     placeholder.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})
     sys.modules["diffusers"] = placeholder
+    try:
+        yield
+    finally:
+        del sys.modules["diffusers"]
 
 
 def import_peft_tests(cache_root: Path, extract_to: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """Download (once) and import PEFT's `testing_common` and `test_custom_models` for the installed PEFT."""
     sdist = download_peft_sdist(peft.__version__, cache_root)
     sys.path.insert(0, str(extract_peft_tests(sdist, extract_to)))
-    provide_diffusers_placeholder()
-    testing_common = importlib.import_module(f"{PEFT_TESTS_PACKAGE}.testing_common")
-    custom_models = importlib.import_module(f"{PEFT_TESTS_PACKAGE}.test_custom_models")
+    with diffusers_placeholder():
+        testing_common = importlib.import_module(f"{PEFT_TESTS_PACKAGE}.testing_common")
+        custom_models = importlib.import_module(f"{PEFT_TESTS_PACKAGE}.test_custom_models")
     return testing_common, custom_models
 
 

@@ -139,6 +139,61 @@ def test_deleting_the_last_adapter_removes_the_hooks():
     assert not _rein_hooks(base) and not any(isinstance(m, ReinLayer) for m in base.modules())
 
 
+def _holds(container: object, adapter_name: str) -> bool:
+    """Whether a dict-like `container` holds `adapter_name` as a key or as part of a tuple key."""
+    return any(key == adapter_name or (isinstance(key, tuple) and adapter_name in key) for key in container.keys())
+
+
+def _dict_like_attributes(obj: object) -> list[tuple[str, object]]:
+    """The dict-like attributes of `obj` as (`Type.name`, value): public ones found with `dir()` (as PEFT's cleanup
+    check does) and private ones."""
+    names = {name for name in dir(obj) if not name.startswith("_")} | set(vars(obj))
+    found = []
+    for name in sorted(names):
+        try:
+            value = getattr(obj, name)
+        except AttributeError:
+            continue
+        if callable(getattr(value, "keys", None)) and hasattr(value, "__contains__"):
+            found.append((f"{type(obj).__name__}.{name}", value))
+    return found
+
+
+def test_weight_and_bias_of_the_rein_layer_raise_attribute_error():
+    # BaseTunerLayer's weight / bias read a base layer, which a ReinLayer does not wrap: they used to recurse until
+    # RecursionError, crashing anything that inspects a module's attributes
+    rein_layer = adapted_dinov2().base_model.model.dinov2.encoder.rein
+    assert not hasattr(rein_layer, "weight") and not hasattr(rein_layer, "bias")
+    with pytest.raises(AttributeError):
+        rein_layer.weight  # noqa: B018
+    assert "ReinLayer.rein_tokens" in dict(_dict_like_attributes(rein_layer))  # reads every attribute dir() lists
+
+
+@pytest.mark.parametrize("deleted", ["gone", "default"])
+def test_delete_adapter_leaves_no_dict_like_attribute_holding_its_name(deleted):
+    config = ReinConfig(token_length=6, modules_to_save=["classifier"])
+    peft_model = get_peft_model(tiny_dinov2(), config)
+    peft_model.add_adapter("gone", config)
+    for adapter_name in ("gone", "default"):
+        peft_model.set_adapter(adapter_name)
+        peft_model.train()(pixels(2)).logits.sum().backward()
+    peft_model.eval()
+    for adapter_name in ("gone", "default"):
+        peft_model.set_adapter(adapter_name)
+        with torch.no_grad():  # fills the eval-mode projection cache
+            peft_model(pixels(2))
+    peft_model.set_adapter("default" if deleted == "gone" else "gone")
+    containers = [item for obj in [peft_model, *peft_model.modules()] for item in _dict_like_attributes(obj)]
+    holding = [(name, value) for name, value in containers if _holds(value, deleted)]
+    assert {"ReinLayer.rein_settings", "ReinLayer.projection_cache", "ReinLayer.sequence_lengths"} <= {
+        name for name, _ in holding
+    }
+    peft_model.delete_adapter(deleted)
+    assert not [name for name, value in holding if _holds(value, deleted)]
+    peft_model.delete_adapter("gone" if deleted == "default" else "default")  # the last one
+    assert not [name for name, value in containers if _holds(value, "gone") or _holds(value, "default")]
+
+
 def test_merging_is_refused_clearly_and_loses_nothing():
     peft_model = adapted_dinov2()
     x = pixels(2)

@@ -7,11 +7,12 @@ import pickle
 
 import pytest
 import torch
-from conftest import adapted_dinov2, assert_same_numbers, pixels, tiny_dinov2, train_steps
-from peft import get_peft_model
+from conftest import FAMILIES, adapted_dinov2, assert_same_numbers, build, pixels, tiny_dinov2, train_steps
+from peft import PeftModel, get_peft_model
 
 import rein_peft
 from rein_peft import ReinConfig
+from rein_peft.model import find_rein_layers
 
 DROPOUT = {"hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5, "drop_path_rate": 0.5}
 
@@ -30,6 +31,19 @@ def test_only_adapter_and_saved_modules_train_and_every_token_gets_gradient():
             assert param.grad is None, name
     tokens_grad = peft_model.base_model.model.dinov2.encoder.rein.rein_tokens["default"].grad
     assert (tokens_grad.flatten(1).abs().sum(1) > 0).all()  # every layer's tokens, the first layer's included
+
+
+def test_on_a_cls_only_vit_classifier_the_last_layers_tokens_get_no_gradient():
+    # A property of Rein, not a bug (docs/peft-compatibility.md): Rein passes CLS through untouched and
+    # ViTForImageClassification reads only CLS, so the last layer's refinement never reaches the loss, and the first
+    # layer's reaches it only through the next layer's attention. DINOv2's classifier also averages the patch tokens:
+    # there every layer's tokens get a gradient (see test_only_adapter_and_saved_modules_train_and_every_token_...)
+    peft_model = get_peft_model(build(FAMILIES["vit"]), ReinConfig(token_length=6))
+    peft_model.train()
+    peft_model(pixels(4), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    (rein_layer,) = find_rein_layers(peft_model)
+    row_gradients = rein_layer.rein_tokens["default"].grad.flatten(1).abs().sum(1)
+    assert row_gradients[0] > 0 and row_gradients[1] == 0  # [L] = [2]
 
 
 def test_frozen_backbone_stays_in_eval_mode_while_training():
@@ -113,6 +127,56 @@ def test_half_precision_base_keeps_a_float32_adapter(dtype):
     torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
     peft_model.train()
     peft_model(x.to(dtype), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+
+
+def _rein_dtypes(peft_model: torch.nn.Module) -> set[torch.dtype]:
+    return {param.dtype for name, param in peft_model.named_parameters() if ".rein_" in name}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype(dtype, tmp_path):
+    # PEFT's contract: autocast_adapter_dtype=False (of get_peft_model, add_adapter, from_pretrained, load_adapter)
+    # leaves the adapter in the base model's dtype, a memory-saving choice; the default upcasts it to float32
+    config = ReinConfig(token_length=6, lora_dim=4, modules_to_save=["classifier"])
+
+    def base() -> torch.nn.Module:  # seeded: the same base model each time
+        return build(FAMILIES["dinov2"]).to(dtype)
+
+    peft_model = get_peft_model(base(), config, autocast_adapter_dtype=False)
+    peft_model.add_adapter("other", config, autocast_adapter_dtype=False)
+    assert _rein_dtypes(peft_model) == {dtype}
+    peft_model.save_pretrained(tmp_path)
+    kept = PeftModel.from_pretrained(base(), tmp_path, autocast_adapter_dtype=False)
+    kept.load_adapter(tmp_path / "other", "other", autocast_adapter_dtype=False)
+    assert _rein_dtypes(kept) == {dtype}
+    upcast = PeftModel.from_pretrained(base(), tmp_path)
+    upcast.load_adapter(tmp_path / "other", "other")
+    assert _rein_dtypes(upcast) == {torch.float32}
+    saved = peft_model.state_dict()
+    for name, param in upcast.state_dict().items():
+        if ".rein_" in name:
+            assert torch.equal(param, saved[name].float()), name  # float32 holds every half-precision value exactly
+    x = pixels(4).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x).logits, peft_model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_adapter_refines_within_two_ulps_of_float64(dtype):
+    # An adapter in the base model's half precision (autocast_adapter_dtype=False, or `.to(dtype)`) computes the
+    # refinement in that precision; measured, each refined value is within 1.25 ulps (float16) and 1 ulp (bfloat16)
+    # of the float64 computation, so a bound of 2 ulps
+    peft_model = get_peft_model(build(FAMILIES["dinov2"]), ReinConfig(token_length=6))  # default init: scale 1e-3
+    reference = copy.deepcopy(peft_model).double()
+    peft_model.to(dtype)
+    hidden = torch.randn(8, 17, 32, generator=torch.Generator().manual_seed(0)).to(dtype)  # [B, 1 + 16 patches, C]
+    with torch.no_grad():
+        refined = peft_model.base_model.model.dinov2.encoder.rein.refine(hidden, "default", 0)
+        expected = reference.base_model.model.dinov2.encoder.rein.refine(hidden.double(), "default", 0)
+    rounded = expected.to(dtype)
+    ulp = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded).double()
+    assert refined.dtype == dtype
+    assert ((refined.double() - expected).abs() <= 2 * ulp).all()
 
 
 def test_to_dtype_moves_the_adapter_too():
