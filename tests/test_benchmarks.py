@@ -15,9 +15,17 @@ sys.path.insert(0, str(BENCHMARKS))
 from overhead import Setting, flop_model  # noqa: E402
 
 
-@pytest.mark.parametrize(("setting", "overhead"), [("B@224x16", 0.10), ("L@512x1", 0.085)])
+@pytest.mark.parametrize(("setting", "overhead"), [("B@224x16", 0.10), ("L@512x1", 0.085), ("CNX-T@224x8", 0.213)])
 def test_flop_model_gives_the_published_bound(setting, overhead):
     assert flop_model(Setting.parse(setting))["inference_rein_over_bare"] == pytest.approx(1 + overhead, abs=0.002)
+
+
+def test_convnext_flop_model_counts_convnext_t():
+    """ConvNeXt-T is 4.5 GMACs at 224 px (its paper's 4.5 GFLOPs); Rein's per-stage refinement adds 0.95 G."""
+    from overhead import _convnext_flops
+
+    base, rein_input, _, _ = _convnext_flops(Setting.parse("CNX-T@224x1"))
+    assert base == pytest.approx(4.45e9, rel=0.01) and rein_input == pytest.approx(0.949e9, rel=0.01)
 
 
 def test_benchmark_runs_and_writes_json_and_png(tmp_path):
@@ -26,6 +34,7 @@ def test_benchmark_runs_and_writes_json_and_png(tmp_path):
         str(BENCHMARKS / "overhead.py"),
         "--configs",
         "S@32x2",
+        "CNX-T@32x2",
         "--repeats",
         "1",
         "--inference-repeats",
@@ -36,10 +45,13 @@ def test_benchmark_runs_and_writes_json_and_png(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "FLOP-model bounds for Rein" in result.stdout
     results = json.loads((tmp_path / "overhead_cpu_float32.json").read_text())
-    methods = results["settings"][0]["methods"]
-    assert set(methods) == {"bare", "rein", "rein_lora16", "lora16", "full"}
-    assert methods["rein"]["trainable_params"] < methods["full"]["trainable_params"]
-    assert methods["rein"]["train_memory_mb"] < methods["full"]["train_memory_mb"]
+    assert [setting["setting"]["size"] for setting in results["settings"]] == ["S", "CNX-T"]
+    assert "ConvNeXt-T 32px batch 2" in result.stdout
+    for setting in results["settings"]:
+        methods = setting["methods"]
+        assert set(methods) == {"bare", "rein", "rein_lora16", "lora16", "full"}
+        assert methods["rein"]["trainable_params"] < methods["full"]["trainable_params"]
+        assert methods["rein"]["train_memory_mb"] < methods["full"]["train_memory_mb"]
     assert len(results["sweep"]) == 3 and (tmp_path / "overhead_cpu_float32.png").stat().st_size > 0
 
 
