@@ -17,10 +17,11 @@ Nothing here is a list of known paths. The rules, in order:
 - staged backbones (ConvNeXt, ConvNeXt V2, DINOv3 ConvNeXt, ResNet, Swin, Swin V2): when the layer list found is, or
   sits in, a list of stages that each hold their blocks in a list of their own, every stage is a group with its own
   Rein (`ReinStage`): all its blocks (`layers_to_transform` picks stages), no prefix tokens. The backbone (the nearest
-  module above the stages whose forward takes `pixel_values`) runs once on two blank images of different sizes
-  (`probe_stages`); the one axis of a block's output that keeps its size between them is the channel axis, which
-  gives each stage's layout (`[B, C, H, W]`, `[B, H, W, C]` or `[B, H*W, C]`) and width even where channels, height
-  and width are equal; the first stage's stride stands for the patch size where there is no patch embedding (ResNet);
+  module above the stages whose forward takes `pixel_values`) runs on two blank images, of its configured size and 64
+  pixels more (`probe_stages`); the one axis of a block's output that keeps its size between them is the channel
+  axis, which gives each stage's layout (`[B, C, H, W]`, `[B, H, W, C]` or `[B, H*W, C]`) and width even where
+  channels, height and width are equal; the first stage's stride stands for the patch size where there is no patch
+  embedding (ResNet);
 - otherwise channels-first maps are refused: encoder layers that sit in stages Rein does not recognise or contain
   spatial convolutions, or whose embeddings turn a probe image into a `[B, C, H, W]` map (VitDet). That probe runs
   the embeddings (the module that holds the patch embedding, below the one that also holds the layers) on a blank
@@ -75,9 +76,10 @@ AMBIGUOUS = "ambiguous"  # [B, C, C, C]: refused
 # patch grid of the probe image: not square, so that height and width cannot be mistaken for each other
 PROBE_GRID = (2, 3)
 DEFAULT_IMAGE_SIZE = 224
-# probe images of a staged backbone: between the two, every side of every stage's grid changes (down to stride 64),
-# so the one axis of a layer's output that keeps its size is the channel axis, whatever the width and the grid
-STAGED_PROBE_SIZES = ((64, 96), (128, 160))
+# a staged backbone is probed at its configured image size S and at S + PROBE_SIZE_STEP: between the two, every side
+# of every stage's grid changes (at any stride up to the step), so the one axis of a layer's output that keeps its size
+# is the channel axis, whatever the width and the grid. Sizes the backbone is made for: Swin's windows fit its grids
+PROBE_SIZE_STEP = 64
 PIXEL_VALUES = "pixel_values"
 
 
@@ -433,8 +435,9 @@ def _positions(shape: tuple[int, ...], layout: str) -> int:
 
 @torch.no_grad()
 def probe_stages(model: nn.Module, groups: list[list[str]]) -> tuple[list[tuple[str, int]], int]:
-    """Run the backbone on two blank images (`STAGED_PROBE_SIZES`) and read, off the shapes of every targeted layer's
-    outputs, each stage's layout and width; and the stride of the first stage, which stands for the patch size.
+    """Run the backbone on two blank square images (its configured size S and S + `PROBE_SIZE_STEP`) and read, off
+    the shapes of every targeted layer's outputs, each stage's layout and width; and the stride of the first stage,
+    which stands for the patch size.
 
     Returns:
         `[(layout, width)]`, one per group, and the first stage's stride in pixels.
@@ -445,6 +448,8 @@ def probe_stages(model: nn.Module, groups: list[list[str]]) -> tuple[list[tuple[
     num_channels = getattr(config, "num_channels", None) or (convolutions[0].in_channels if convolutions else 3)
     weight = next(parameter for parameter in backbone.parameters() if parameter.is_floating_point())
     anchor = convolutions[0] if convolutions else backbone
+    side = _configured_image_size(backbone)
+    sides = (side, side + PROBE_SIZE_STEP)
     shapes: dict[str, list[tuple[int, ...]]] = {name: [] for group in groups for name in group}
 
     def record(name: str, module: nn.Module, args: tuple, output: object) -> None:
@@ -458,14 +463,17 @@ def probe_stages(model: nn.Module, groups: list[list[str]]) -> tuple[list[tuple[
     for layer, _ in rein_layers:  # a further adapter: read the base model's shapes
         layer._disable_adapters = True
     try:
-        for height, width in STAGED_PROBE_SIZES:
-            pixels = torch.zeros(1, num_channels, height, width, dtype=weight.dtype, device=execution_device(anchor))
+        for probe_side in sides:
+            pixels = torch.zeros(
+                1, num_channels, probe_side, probe_side, dtype=weight.dtype, device=execution_device(anchor)
+            )
             backbone(pixels)
     except Exception as error:
         raise ReinUnsupportedModelError(
-            f"Rein runs {type(backbone).__name__} once on blank {STAGED_PROBE_SIZES[0]} and {STAGED_PROBE_SIZES[1]} "
-            f"images to read the layout and width of each stage's outputs, and that failed: {error!r}. Make sure "
-            "the backbone takes images of those sizes."
+            f"Rein runs {type(backbone).__name__} on blank {sides[0]}x{sides[0]} and {sides[1]}x{sides[1]} images "
+            f"(its configured image size and {PROBE_SIZE_STEP} pixels more) to read the layout and width of each "
+            f"stage's outputs, and that failed: {error!r}. Make sure the backbone takes images of those sizes (its "
+            "config's `image_size`)."
         ) from error
     finally:
         for handle in handles:
@@ -481,14 +489,14 @@ def probe_stages(model: nn.Module, groups: list[list[str]]) -> tuple[list[tuple[
             seen = {name: shapes[name] for name in group}
             raise ReinUnsupportedModelError(
                 f"Rein cannot tell the channel axis of the outputs of the layers {group} of {type(model).__name__}: "
-                f"their shapes on {STAGED_PROBE_SIZES[0]} and {STAGED_PROBE_SIZES[1]} images are {seen}, but Rein "
+                f"their shapes on {sides[0]}x{sides[0]} and {sides[1]}x{sides[1]} images are {seen}, but Rein "
                 "needs [batch, channels, height, width], [batch, height, width, channels] or [batch, tokens, "
                 "channels], the same for every layer of a stage. Point `target_modules` at the blocks of each stage."
             )
         layouts.append(found[group[0]])
     first_layout = layouts[0][0]
     positions = _positions(shapes[groups[0][0]][0], first_layout)
-    stride = round(math.sqrt(STAGED_PROBE_SIZES[0][0] * STAGED_PROBE_SIZES[0][1] / positions))
+    stride = round(side / math.sqrt(positions))
     return layouts, stride
 
 
