@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rein_peft import ReinConfig, ReinStateDictError
-from rein_peft.discovery import CHANNELS_FIRST, SEQUENCE, discover
+from rein_peft.discovery import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE, discover
 from rein_peft.export import export_program
 from rein_peft.layer import ReinLayer
 
@@ -227,6 +227,79 @@ def test_each_stage_is_refined_as_the_official_code_does(name, lora_dim):
     for actual, expected, bare in zip(ours, theirs, plain, strict=True):
         assert_same_numbers(actual, expected)
         assert (actual - bare).abs().max() > 1e-3 * bare.abs().max()
+
+
+class ChannelsLastBlock(nn.Module):
+    """A residual MLP block on `[B, H, W, C]` maps."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class ChannelsLastStage(nn.Module):
+    """A stage whose blocks keep `[B, H, W, C]` maps (as NAT's do): a 2x2 patch merge, then its blocks."""
+
+    def __init__(self, in_width: int, width: int, depth: int, merge: bool) -> None:
+        super().__init__()
+        self.merge = nn.Linear(4 * in_width, width) if merge else nn.Identity()
+        self.blocks = nn.ModuleList(ChannelsLastBlock(width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        if isinstance(self.merge, nn.Linear):
+            batch, height, width, channels = x.shape
+            x = x.view(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 2, 4, 5).flatten(3)
+            x = self.merge(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ChannelsLastBackbone(nn.Module):
+    """A staged backbone with channels-last stages: 8 channels on the 8x8 grid of a 32-pixel image, then 4 on 4x4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embeddings = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.stages = nn.ModuleList([ChannelsLastStage(8, 8, 2, merge=False), ChannelsLastStage(8, 4, 1, merge=True)])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embeddings(pixel_values).permute(0, 2, 3, 1)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def test_channels_last_stages_are_refined_as_their_tokens():
+    """Stages whose blocks output [B, H, W, C]: found by the probe (channels == height == width), refined per
+    position; equal to the reference on the blocks' outputs flattened to [B, H*W, C]."""
+    torch.manual_seed(0)
+    model = ChannelsLastBackbone().eval()
+    reference_model = ChannelsLastBackbone().eval()
+    reference_model.load_state_dict(model.state_dict())
+    targets = discover(model, ReinConfig(token_length=TOKENS))
+    assert [(stage.layout, stage.hidden_size) for stage in targets.stages] == [(CHANNELS_LAST, 8), (CHANNELS_LAST, 4)]
+    peft_model = get_peft_model(model, ReinConfig(token_length=TOKENS, lora_dim=RANK))
+    randomize_adapter(peft_model)
+    for index, stage in enumerate(reference_model.stages):
+        reference = ReferenceRein(official_tensors(peft_model.get_base_model(), within=f"stages.{index}"))
+        for row, block in enumerate(stage.blocks):
+
+            def hook(module, args, output, reference=reference, row=row):
+                tokens = output.flatten(1, 2)  # [B, H*W, C]
+                return reference.forward(tokens, row, batch_first=True, num_prefix=0).view(output.shape)
+
+            block.register_forward_hook(hook)
+    images = pixels(2)
+    with torch.no_grad():
+        ours, theirs = peft_model(images), reference_model(images)
+        with peft_model.disable_adapter():
+            plain = peft_model(images)
+    assert_same_numbers(ours, theirs)
+    assert (ours - plain).abs().max() > 1e-3 * plain.abs().max()
 
 
 def test_a_transposed_layout_would_not_pass():
@@ -589,3 +662,13 @@ def test_a_staged_adapter_goes_through_the_hub(tmp_path):
     assert pulled["weights"].keys() == pushed["weights"].keys()
     assert all(torch.equal(pulled["weights"][name], tensor) for name, tensor in pushed["weights"].items())
     assert_same_numbers(pulled["logits"], pushed["logits"])
+
+
+def test_deleting_an_adapter_removes_it_from_every_stage():
+    peft_model = _adapted(FAMILIES["swin_backbone"])
+    peft_model.add_adapter("other", ReinConfig(token_length=TOKENS))
+    rein_layers = [module for module in peft_model.modules() if isinstance(module, ReinLayer)]
+    assert len(rein_layers) == 2 and all("other" in layer.rein_settings for layer in rein_layers)
+    peft_model.delete_adapter("other")
+    assert all(set(layer.rein_settings) == {"default"} for layer in rein_layers)
+    assert not any(".other" in name for name, _ in peft_model.named_parameters())
