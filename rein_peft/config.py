@@ -68,7 +68,8 @@ class ReinConfig(PeftConfig):
         target_modules: Encoder layers to refine: a list of module names (or name suffixes) or a regex. `None`:
             every layer of the vision encoder, found automatically.
         layers_to_transform: Indices of the layers to adapt (e.g. `[8, 9, 10, 11]`). With automatic targets they
-            index the encoder's layer list; with `target_modules` they follow PEFT's `layers_pattern` rules.
+            index the encoder's layer list (on a staged backbone, ConvNeXt, ResNet, Swin: its stages, each adapted
+            over all its blocks); with `target_modules` they follow PEFT's `layers_pattern` rules.
         layers_pattern: Name of the layer list, used with `layers_to_transform` and explicit `target_modules`.
         modules_to_save: Extra modules to train and save with the adapter, typically the task head
             (`["classifier"]`).
@@ -94,7 +95,7 @@ class ReinConfig(PeftConfig):
         default=None, metadata={"help": "Encoder layers to refine; None: every layer of the vision encoder."}
     )
     layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Indices of the encoder layers to adapt."}
+        default=None, metadata={"help": "Encoder layers to adapt (stages, on a staged backbone)."}
     )
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Layer-list name used with layers_to_transform and target_modules."}

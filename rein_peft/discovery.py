@@ -154,12 +154,17 @@ def _common_prefix_length(a: str, b: str) -> int:
     return length
 
 
+def _is_block_list(module: nn.Module) -> bool:
+    """A non-empty `nn.ModuleList` / `nn.Sequential` of same-class blocks that have submodules."""
+    blocks = list(module) if isinstance(module, LAYER_LIST_TYPES) else []
+    return bool(blocks) and len({type(block) for block in blocks}) == 1 and bool(list(blocks[0].children()))
+
+
 def find_layer_list(model: nn.Module, anchor_name: str) -> str | None:
     """Name of the list of same-class blocks closest to `anchor_name` (ties: the larger one)."""
     candidates = []
     for name, module in model.named_modules():
-        blocks = list(module) if isinstance(module, LAYER_LIST_TYPES) else []
-        if not blocks or len({type(block) for block in blocks}) != 1 or not list(blocks[0].children()):
+        if not _is_block_list(module):
             continue
         num_params = sum(p.numel() for p in module.parameters())
         candidates.append((_common_prefix_length(name, anchor_name), num_params, name))
@@ -359,11 +364,6 @@ def _refuse_feature_maps(model: nn.Module, layer_names: list[str], layout: str |
 def _direct_block_list(module: nn.Module) -> str | None:
     """Name of the first child of `module` that is a list of same-class blocks (a stage's blocks), or None."""
     return next((name for name, child in module.named_children() if _is_block_list(child)), None)
-
-
-def _is_block_list(module: nn.Module) -> bool:
-    blocks = list(module) if isinstance(module, LAYER_LIST_TYPES) else []
-    return bool(blocks) and len({type(block) for block in blocks}) == 1 and bool(list(blocks[0].children()))
 
 
 def find_stage_list(model: nn.Module, layer_list: str) -> str | None:
