@@ -24,7 +24,7 @@ from torch import nn
 
 from rein_peft import ReinConfig, ReinStateDictError
 from rein_peft.discovery import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE, discover
-from rein_peft.export import export_program
+from rein_peft.export import export_onnx, export_program
 from rein_peft.layer import ReinLayer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -434,6 +434,20 @@ def test_torch_export_of_a_staged_backbone_equals_eager():
     with torch.no_grad():
         eager = peft_model(pixel_values=images).logits
     assert_same_numbers(program.module()(pixel_values=images).logits, eager)
+
+
+def test_onnx_export_of_a_staged_backbone_runs_in_onnxruntime(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")  # the `export` extra
+    peft_model = _adapted(FAMILIES["resnet"])
+    export_onnx(peft_model, tmp_path / "model.onnx", {"pixel_values": pixels(2)})
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    for batch in (1, 3):  # a dynamic batch
+        images = pixels(batch, seed=batch)
+        (logits,) = session.run(["logits"], {"pixel_values": images.numpy()})
+        with torch.no_grad():
+            eager = peft_model(pixel_values=images).logits
+        # onnxruntime's kernels: float32 rounding over the whole network, on the logits' scale
+        assert_same_numbers(torch.from_numpy(logits), eager, rtol=1e-4)
 
 
 # --- segmentation ----------------------------------------------------------------------------------------------------
