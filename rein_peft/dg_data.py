@@ -1,0 +1,295 @@
+"""The domain-generalization data sets as users download them, read into `datasets.Dataset`s of images and label maps
+in the 19 Cityscapes train ids (255 ignored), and the official training augmentations.
+
+The id tables are those of the official conversion scripts (github w1oves/Rein, `tools/convert_datasets/`: GTAV and
+Mapillary; Cityscapes through cityscapesscripts' label table, as mmsegmentation uses it) and of DAFormer's SYNTHIA
+conversion, which the official repository's SYNTHIA experiments take. `datasets` and Pillow (the `examples` extra)
+are imported when a loader runs, not with `rein_peft`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import numpy as np
+
+IGNORE_INDEX = 255
+CITYSCAPES_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+NUM_CLASSES = len(CITYSCAPES_CLASSES)
+
+# Cityscapes label ids (cityscapesscripts' `labels` table, ids 0-33) -> train ids; every other id of the table is 255.
+# GTAV's labels use the same ids (the official tools/convert_datasets/gta.py maps them with this table).
+CITYSCAPES_ID_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+CITYSCAPES_NUM_IDS = 34
+# SYNTHIA RAND-CITYSCAPES class ids (its README, 0 void to 22 lanemarking) -> train ids, as DAFormer's
+# tools/convert_datasets/synthia.py maps them; ids 16 (terrain), 18 (truck), 20 (train) never occur in the data
+SYNTHIA_ID_TO_TRAIN_ID = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9,
+    1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
+}  # fmt: skip
+SYNTHIA_NUM_IDS = 23
+# Mapillary Vistas: its class names (the `readable` names of config_v1.2.json, lower-cased, spaces and hyphens removed)
+# -> Cityscapes classes, by the rules of the official tools/convert_datasets/mapillary2cityscape.py, in its order:
+# an exact name first, then the first rule whose word the name contains; everything else is 255
+MAPILLARY_NAME_RULES = (
+    (("trafficsign", "front", "back"), "traffic sign"),
+    (("onrail",), "train"),
+    (("cyclist", "rider"), "rider"),
+    (("pole", "streetlight"), "pole"),
+    (("curb", "pedestrianarea"), "sidewalk"),
+    (("crosswalkplain", "parking", "bikelane", "servicelane", "lanemarking"), "road"),
+)
+# Mapillary Vistas v1.2's 66 classes in id order (config_v1.2.json's `readable` names), for reference and fakes;
+# the loader reads the list from the data set's own config, as the official conversion does
+MAPILLARY_V12_CLASSES = (
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
+    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge", "Building",
+    "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
+    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench",
+    "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
+    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole", "Traffic Light",
+    "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
+    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
+    "Unlabeled",
+)
+MAPILLARY_CONFIGS = ("config_v1.2.json", "config.json")
+# the test sizes of the official configs (`Resize(scale=..., keep_ratio=True)`), width x height
+TEST_SIZES = {
+    "cityscapes": (1024, 512),
+    "mapillary": (1024, 512),
+    "bdd100k": (1280, 720),
+    "gta": (1280, 720),
+    "synthia": (1280, 760),  # no official config: SYNTHIA's own size
+    "acdc": (960, 540),
+}
+SPLIT_ALIASES = {"validation": "val", "training": "train"}
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+
+
+def _mapillary_label_dir(root: str, split: str) -> str:
+    for candidate in (os.path.join(split, "v1.2", "labels"), os.path.join(split, "labels")):
+        if os.path.isdir(os.path.join(root, candidate)):
+            return candidate
+    raise FileNotFoundError(
+        f"Mapillary Vistas at {root!r} has no label folder {split}/v1.2/labels (v2.0 download) or {split}/labels "
+        "(v1.x download). Point `root` at the folder that holds `training/` and `validation/`."
+    )
+
+
+def mapillary_id_to_train_id(class_names: list[str]) -> dict[int, int]:
+    """The Mapillary-id -> train-id table for Mapillary's class list (`readable` names, in id order), by the rules of
+    the official `mapillary2cityscape.py`.
+
+    Args:
+        class_names: Mapillary's class names in id order, e.g. `[label["readable"] for label in config["labels"]]`.
+    """
+    train_ids = {name.replace(" ", ""): index for index, name in enumerate(CITYSCAPES_CLASSES)}
+    table = {}
+    for mapillary_id, readable in enumerate(class_names):
+        name = readable.lower().replace(" ", "").replace("-", "")
+        if name in train_ids:
+            table[mapillary_id] = train_ids[name]
+            continue
+        for words, cityscapes_class in MAPILLARY_NAME_RULES:
+            if any(word in name for word in words):
+                table[mapillary_id] = CITYSCAPES_CLASSES.index(cityscapes_class)
+                break
+    return table
+
+
+def _mapillary_classes(root: str) -> list[str]:
+    for config_name in MAPILLARY_CONFIGS:
+        path = os.path.join(root, config_name)
+        if os.path.isfile(path):
+            with open(path) as file:
+                return [label["readable"] for label in json.load(file)["labels"]]
+    raise FileNotFoundError(
+        f"Mapillary Vistas at {root!r} has none of {MAPILLARY_CONFIGS}: its class list, which the id mapping is read "
+        "from. It comes with the download, beside `training/` and `validation/`."
+    )
+
+
+def read_label_ids(path: str) -> np.ndarray:
+    """A label file's raw ids as `[H, W]` integers: the first channel of multi-channel files, palette indices of
+    palette PNGs, and 16-bit values in full (SYNTHIA's 16-bit RGB PNGs, whose high bytes Pillow would otherwise keep
+    alone).
+
+    Args:
+        path: The label file.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        tiles = list(image.tile)
+        wide = [tile for tile in tiles if str(tile[3]).endswith(";16B") and image.mode in ("RGB", "RGBA")]
+        if not wide:
+            ids = np.asarray(image)
+            return (ids[..., 0] if ids.ndim == 3 else ids).astype(np.int64)
+    planes = []
+    for raw_mode in ("16B", "16L"):  # the high bytes, then the low bytes of each big-endian 16-bit value
+        with Image.open(path) as image:
+            image.tile = [(tile[0], tile[1], tile[2], f"{image.mode};{raw_mode}") for tile in tiles]
+            planes.append(np.asarray(image)[..., 0].astype(np.int64))
+    return planes[0] * 256 + planes[1]
+
+
+def to_train_ids(ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int, path: str) -> np.ndarray:
+    """Map a label file's raw ids to train ids (`uint8`, 255 ignored); an id the data set does not have is an error.
+
+    Args:
+        ids: `[H, W]` raw ids, as `read_label_ids` returns them.
+        id_table: raw id -> train id; ids of the data set missing from it become 255. `None`: already train ids.
+        num_ids: The data set's ids are `0..num_ids - 1` (and 255 for train-id labels).
+        path: The file, named in the error.
+    """
+    known = (ids >= 0) & (ids < num_ids)
+    if id_table is None:
+        known |= ids == IGNORE_INDEX
+    if not known.all():
+        unknown = np.unique(ids[~known])[:10].tolist()
+        expected = f"0 to {num_ids - 1}" + (" or 255" if id_table is None else "")
+        raise ValueError(
+            f"{path} holds label ids {unknown}, but this data set's ids are {expected}. The file is not a label map of "
+            "this data set (another data set, a colour-coded or an instance map?): check `name` and the folder."
+        )
+    if id_table is None:
+        return ids.astype(np.uint8)
+    lookup = np.full(num_ids, IGNORE_INDEX, dtype=np.uint8)
+    for raw_id, train_id in id_table.items():
+        lookup[raw_id] = train_id
+    return lookup[ids]
+
+
+def _sibling(image: str, image_dir: str, label_dir: str, label_suffix: str) -> str:
+    """The label file of `image` in the Cityscapes-style layouts: `<root>/<image_dir>/<...>/<stem>_<image_dir>.png`
+    -> `<root>/<label_dir>/<...>/<stem>_<label_suffix>`."""
+    root, _, rest = image.rpartition(f"{os.sep}{image_dir}{os.sep}")
+    stem = os.path.basename(rest)[: -len(f"{image_dir}.png")]
+    return os.path.join(root, label_dir, os.path.dirname(rest), stem + label_suffix)
+
+
+def _files(name: str, root: str, split: str) -> tuple[list[tuple[str, str]], dict[int, int] | None, int]:
+    """(image, label) path pairs of one data set's split, its id table and its number of ids."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{name}: no folder {root!r}. Pass the folder the data set was extracted to.")
+    split = SPLIT_ALIASES.get(split, split)
+    if name == "gta":  # images/00001.png, labels/00001.png (Cityscapes label ids, palette PNGs); no splits in DG
+        images = sorted(glob.glob(os.path.join(root, "images", "*.png")))
+        pairs = [(image, os.path.join(root, "labels", os.path.basename(image))) for image in images]
+        table, num_ids = CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS
+    elif name == "synthia":  # RAND-CITYSCAPES: RGB/0000000.png, GT/LABELS/0000000.png (16-bit, class in channel 0)
+        images = sorted(glob.glob(os.path.join(root, "RGB", "*.png")))
+        pairs = [(image, os.path.join(root, "GT", "LABELS", os.path.basename(image))) for image in images]
+        table, num_ids = SYNTHIA_ID_TO_TRAIN_ID, SYNTHIA_NUM_IDS
+    elif name == "cityscapes":  # leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png, gtFine/..._gtFine_labelIds.png
+        images = sorted(glob.glob(os.path.join(root, "leftImg8bit", split, "*", "*_leftImg8bit.png")))
+        pairs = [(image, _sibling(image, "leftImg8bit", "gtFine", "gtFine_labelIds.png")) for image in images]
+        table, num_ids = CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS
+    elif name == "bdd100k":  # images/10k/<split>/<id>.jpg, labels/sem_seg/masks/<split>/<id>.png (train ids)
+        images = sorted(glob.glob(os.path.join(root, "images", "10k", split, "*.jpg")))
+        masks = os.path.join(root, "labels", "sem_seg", "masks", split)
+        pairs = [(image, os.path.join(masks, os.path.basename(image)[:-4] + ".png")) for image in images]
+        table, num_ids = None, NUM_CLASSES
+    elif name == "mapillary":  # <split>/images/<id>.jpg, <split>/v1.2/labels/<id>.png (palette PNGs of v1.2 ids)
+        folder = {"train": "training", "val": "validation"}.get(split, split)
+        labels = _mapillary_label_dir(root, folder)
+        images = sorted(glob.glob(os.path.join(root, folder, "images", "*.jpg")))
+        pairs = [(image, os.path.join(root, labels, os.path.basename(image)[:-4] + ".png")) for image in images]
+        classes = _mapillary_classes(root)
+        table, num_ids = mapillary_id_to_train_id(classes), len(classes)
+    elif name == "acdc":  # rgb_anon/<condition>/<split>/<seq>/<stem>_rgb_anon.png, gt/.../<stem>_gt_labelIds.png
+        images = sorted(glob.glob(os.path.join(root, "rgb_anon", "*", split, "*", "*_rgb_anon.png")))
+        pairs = [(image, _sibling(image, "rgb_anon", "gt", "gt_labelIds.png")) for image in images]
+        table, num_ids = CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS
+    else:
+        raise ValueError(f"Unknown data set {name!r}; use one of {sorted(TEST_SIZES)}.")
+    if not pairs:
+        raise FileNotFoundError(
+            f"{name}: no images found under {root!r} for split {split!r}. Expected the layout of the download "
+            f"({_LAYOUT_HELP[name]}); check `root` and `split`."
+        )
+    for image, label in pairs:
+        if not os.path.isfile(label):
+            raise FileNotFoundError(f"{name}: the image {image} has no label file {label}.")
+    return pairs, table, num_ids
+
+
+_LAYOUT_HELP = {
+    "gta": "images/*.png and labels/*.png",
+    "synthia": "RGB/*.png and GT/LABELS/*.png",
+    "cityscapes": "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png",
+    "bdd100k": "images/10k/<split>/*.jpg and labels/sem_seg/masks/<split>/*.png",
+    "mapillary": "training|validation/images/*.jpg, .../v1.2/labels/*.png and config_v1.2.json",
+    "acdc": "rgb_anon/<condition>/<split>/<sequence>/*_rgb_anon.png and gt/.../*_gt_labelIds.png",
+}
+
+
+def _generate_examples(pairs: list[tuple[str, str]], id_table: dict[int, int] | None, num_ids: int):
+    import io
+
+    from PIL import Image
+
+    for image, label in pairs:
+        train_ids = to_train_ids(read_label_ids(label), id_table, num_ids, label)
+        buffer = io.BytesIO()
+        Image.fromarray(train_ids).save(buffer, format="PNG")
+        yield {"image": image, "label": {"bytes": buffer.getvalue(), "path": None}}
+
+
+def load_dg_dataset(name: str, root: str, split: str = "val", cache_dir: str | None = None, num_proc: int | None = None):
+    """One domain-generalization data set, read from the layout it is downloaded in, as a `datasets.Dataset` with an
+    `image` column (the files, decoded on access) and a `label` column (label maps in the 19 Cityscapes train ids,
+    255 ignored, converted once with a progress bar and cached by `datasets`).
+
+    Args:
+        name: `gta` (GTAV), `synthia` (SYNTHIA RAND-CITYSCAPES), `cityscapes`, `bdd100k` (its semantic
+            segmentation masks), `mapillary` (Vistas v1.2 classes) or `acdc` (all four conditions).
+        root: The folder the data set was extracted to (e.g. the one holding `leftImg8bit/` and `gtFine/`).
+        split: `train` or `val` (`training` / `validation` for Mapillary work too). GTAV and SYNTHIA have no splits
+            in domain generalization: every image is read, whatever `split` says.
+        cache_dir: Where `datasets` caches the converted labels (default: its own cache).
+        num_proc: Processes converting the labels (default: one).
+
+    Raises:
+        FileNotFoundError: No such folder, no images in it, or an image without its label file (named).
+        ValueError: A label file holding ids the data set does not have (named).
+    """
+    import datasets
+
+    pairs, id_table, num_ids = _files(name, root, split)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_examples,
+            features=features,
+            gen_kwargs={"pairs": pairs, "id_table": id_table, "num_ids": num_ids},
+            cache_dir=cache_dir,
+            num_proc=num_proc if num_proc and num_proc > 1 else None,
+            split=datasets.Split.TRAIN if split == "train" else datasets.Split.VALIDATION,
+        )
+    except datasets.exceptions.DatasetGenerationError as error:  # the label file's own error, not the wrapper
+        raise error.__cause__ or error from None
