@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+
 import numpy as np
 
 IGNORE_INDEX = 255
