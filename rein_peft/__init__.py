@@ -1,7 +1,8 @@
 """rein_peft: Rein ("Stronger, Fewer, & Superior", CVPR 2024) as a PEFT method for Hugging Face vision transformers.
 
 `import rein_peft` registers the method with PEFT, so that `peft.get_peft_model(model, ReinConfig(...))`,
-`PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it.
+`PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it, and registers the official segmenter's pyramid
+backbone (`Dinov2PyramidConfig`, `Dinov2PyramidBackbone`) with transformers' auto classes.
 """
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -12,6 +13,8 @@ from .discovery import ReinUnsupportedModelError
 from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
+from .official import build_official_segmenter, official_segmenter_config
+from .pyramid import Dinov2PyramidBackbone, Dinov2PyramidConfig, register_pyramid, resize_patch_embedding
 from .quantization import is_backbone_linear
 from .segmentation import check_label_maps, segmentation_ignore_index
 from .sharding import gather_adapter_state_dict
@@ -21,16 +24,20 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register Rein in PEFT's method tables and model cards. Runs on import; calling it again changes nothing."""
+    """Register Rein in PEFT's method tables and model cards, and the pyramid backbone with transformers' auto
+    classes. Runs on import; calling it again changes nothing."""
     PEFT_TYPE_TO_CONFIG_MAPPING[ReinPeftType.REIN] = ReinConfig
     PEFT_TYPE_TO_TUNER_MAPPING[ReinPeftType.REIN] = ReinModel
     PEFT_TYPE_TO_PREFIX_MAPPING[ReinPeftType.REIN] = ReinModel.prefix
     register_model_card()
+    register_pyramid()
 
 
 register()
 
 __all__ = [
+    "Dinov2PyramidBackbone",
+    "Dinov2PyramidConfig",
     "ReinConfig",
     "ReinLayer",
     "ReinMergeError",
@@ -38,13 +45,16 @@ __all__ = [
     "ReinPeftType",
     "ReinStateDictError",
     "ReinUnsupportedModelError",
+    "build_official_segmenter",
     "check_label_maps",
     "convert_official_checkpoint",
     "create_rein_optimizer",
     "gather_adapter_state_dict",
     "get_queries",
     "is_backbone_linear",
+    "official_segmenter_config",
     "register",
     "rein_parameter_groups",
+    "resize_patch_embedding",
     "segmentation_ignore_index",
 ]
