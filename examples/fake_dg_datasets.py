@@ -86,7 +86,7 @@ def save_png16(path: str, values: np.ndarray) -> None:
 
 
 def _palette_png(ids: np.ndarray) -> Image.Image:
-    image = Image.fromarray(ids.astype(np.uint8), mode="P")
+    image = Image.frombytes("P", (ids.shape[1], ids.shape[0]), ids.astype(np.uint8).tobytes())
     image.putpalette(np.random.default_rng(0).integers(0, 256, size=768, dtype=np.uint8).tobytes())
     return image
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,14 +68,71 @@ MAPILLARY_NAME_RULES = (
 # Mapillary Vistas v1.2's 66 classes in id order (config_v1.2.json's `readable` names), for reference and fakes;
 # the loader reads the list from the data set's own config, as the official conversion does
 MAPILLARY_V12_CLASSES = (
-    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
-    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge", "Building",
-    "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
-    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench",
-    "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
-    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole", "Traffic Light",
-    "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
-    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
+    "Bird",
+    "Ground Animal",
+    "Curb",
+    "Fence",
+    "Guard Rail",
+    "Barrier",
+    "Wall",
+    "Bike Lane",
+    "Crosswalk - Plain",
+    "Curb Cut",
+    "Parking",
+    "Pedestrian Area",
+    "Rail Track",
+    "Road",
+    "Service Lane",
+    "Sidewalk",
+    "Bridge",
+    "Building",
+    "Tunnel",
+    "Person",
+    "Bicyclist",
+    "Motorcyclist",
+    "Other Rider",
+    "Lane Marking - Crosswalk",
+    "Lane Marking - General",
+    "Mountain",
+    "Sand",
+    "Sky",
+    "Snow",
+    "Terrain",
+    "Vegetation",
+    "Water",
+    "Banner",
+    "Bench",
+    "Bike Rack",
+    "Billboard",
+    "Catch Basin",
+    "CCTV Camera",
+    "Fire Hydrant",
+    "Junction Box",
+    "Mailbox",
+    "Manhole",
+    "Phone Booth",
+    "Pothole",
+    "Street Light",
+    "Pole",
+    "Traffic Sign Frame",
+    "Utility Pole",
+    "Traffic Light",
+    "Traffic Sign (Back)",
+    "Traffic Sign (Front)",
+    "Trash Can",
+    "Bicycle",
+    "Boat",
+    "Bus",
+    "Car",
+    "Caravan",
+    "Motorcycle",
+    "On Rails",
+    "Other Vehicle",
+    "Trailer",
+    "Truck",
+    "Wheeled Slow",
+    "Car Mount",
+    "Ego Vehicle",
     "Unlabeled",
 )
 MAPILLARY_CONFIGS = ("config_v1.2.json", "config.json")
@@ -174,8 +232,8 @@ def to_train_ids(ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int,
         unknown = np.unique(ids[~known])[:10].tolist()
         expected = f"0 to {num_ids - 1}" + (" or 255" if id_table is None else "")
         raise ValueError(
-            f"{path} holds label ids {unknown}, but this data set's ids are {expected}. The file is not a label map of "
-            "this data set (another data set, a colour-coded or an instance map?): check `name` and the folder."
+            f"{path} holds label ids {unknown}, but this data set's ids are {expected}. The file is not a label "
+            "map of this data set (another data set, a colour-coded or an instance map?): check `name` and the folder."
         )
     if id_table is None:
         return ids.astype(np.uint8)
@@ -261,7 +319,9 @@ def _generate_examples(pairs: list[tuple[str, str]], id_table: dict[int, int] | 
         yield {"image": image, "label": {"bytes": buffer.getvalue(), "path": None}}
 
 
-def load_dg_dataset(name: str, root: str, split: str = "val", cache_dir: str | None = None, num_proc: int | None = None):
+def load_dg_dataset(
+    name: str, root: str, split: str = "val", cache_dir: str | None = None, num_proc: int | None = None
+):
     """One domain-generalization data set, read from the layout it is downloaded in, as a `datasets.Dataset` with an
     `image` column (the files, decoded on access) and a `label` column (label maps in the 19 Cityscapes train ids,
     255 ignored, converted once with a progress bar and cached by `datasets`).
@@ -294,3 +354,136 @@ def load_dg_dataset(name: str, root: str, split: str = "val", cache_dir: str | N
         )
     except datasets.exceptions.DatasetGenerationError as error:  # the label file's own error, not the wrapper
         raise error.__cause__ or error from None
+
+
+# --- the official training augmentations (`configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py`) -----------------
+
+# RandomChoiceResize(scales=[int(512 * x * 0.1) for x in range(5, 21)], resize_type="ResizeShortestEdge",
+# max_size=2048): the short side becomes one of 0.5, 0.6, ..., 2.0 times 512, the long side at most 2048
+SCALE_RATIOS = tuple(step / 10 for step in range(5, 21))
+CAT_MAX_RATIO_TRIES = 10  # mmsegmentation's RandomCrop draws at most 10 crops to satisfy `cat_max_ratio`
+# PhotoMetricDistortion's defaults; the hue delta is in OpenCV's hue unit (of 180)
+BRIGHTNESS_DELTA, CONTRAST_RANGE, SATURATION_RANGE, HUE_DELTA = 32, (0.5, 1.5), (0.5, 1.5), 18
+
+
+@dataclass
+class DGTrainAugmentation:
+    """The official training pipeline on one image and label map: random rescale (the short side one of
+    `scale_ratios` times `base_scale`, the long side at most `max_size`), random crop of `crop_size` redrawn up to
+    10 times until no class covers more than `cat_max_ratio` of its labelled pixels, horizontal flip with
+    `flip_prob`, and mmsegmentation's photometric distortion (brightness, contrast, saturation, hue, each with
+    probability 0.5, contrast before or after the colour changes).
+
+    Args:
+        base_scale: The short side that the ratios multiply (512).
+        scale_ratios: The ratios one is drawn from (0.5 to 2.0 in steps of 0.1).
+        max_size: The longest side after rescaling (2048).
+        crop_size: The square crop's side (512); smaller images are padded (0 after normalisation, label 255).
+        cat_max_ratio: A crop is redrawn while one class covers this share of its labelled pixels or more (0.75).
+        flip_prob: Probability of a horizontal flip.
+        photometric: Apply the photometric distortion.
+    """
+
+    base_scale: int = 512
+    scale_ratios: tuple[float, ...] = SCALE_RATIOS
+    max_size: int = 2048
+    crop_size: int = 512
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+
+    def __call__(self, image, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """`image` (PIL) and `label` `[H, W]` -> pixels `[h, w, 3]` float32 in 0-255 and labels `[h, w]` uint8, at
+        most `crop_size` a side (`dg_train_transform` pads them)."""
+        from PIL import Image
+
+        ratio = self.scale_ratios[int(rng.integers(len(self.scale_ratios)))]
+        short = self.base_scale * ratio
+        factor = min(short / min(image.size), self.max_size / max(image.size))
+        size = (int(image.width * factor + 0.5), int(image.height * factor + 0.5))
+        image = image.convert("RGB").resize(size, Image.BILINEAR)
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        top, left = self._crop_corner(label, rng)
+        window = (slice(top, top + self.crop_size), slice(left, left + self.crop_size))
+        pixels, label = np.asarray(image, dtype=np.float32)[window], label[window]
+        if rng.random() < self.flip_prob:
+            pixels, label = pixels[:, ::-1], label[:, ::-1]
+        if self.photometric:
+            pixels = photometric_distortion(pixels, rng)
+        return np.ascontiguousarray(pixels), np.ascontiguousarray(label)
+
+    def _crop_corner(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        height, width = label.shape
+        for _ in range(CAT_MAX_RATIO_TRIES):
+            top = int(rng.integers(max(height - self.crop_size, 0) + 1))
+            left = int(rng.integers(max(width - self.crop_size, 0) + 1))
+            if self.cat_max_ratio >= 1:
+                break
+            crop = label[top : top + self.crop_size, left : left + self.crop_size]
+            counts = np.bincount(crop[crop != IGNORE_INDEX].ravel(), minlength=1)
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return top, left
+
+
+def photometric_distortion(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmsegmentation's `PhotoMetricDistortion` on `[H, W, 3]` RGB pixels in 0-255 (float32): brightness delta in
+    +-32, contrast x0.5-1.5 (before or after the colour changes, at random), saturation x0.5-1.5 and hue +-18 (of
+    180) in HSV; each with probability 0.5, the values clipped to 0-255 after each step. HSV goes through Pillow
+    (8-bit, hue of 256) where mmsegmentation uses OpenCV."""
+    from PIL import Image
+
+    def chance() -> bool:
+        return bool(rng.integers(2))
+
+    if chance():
+        pixels = np.clip(pixels + rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA), 0, 255)
+    contrast_first = bool(rng.integers(2))
+    if contrast_first and chance():
+        pixels = np.clip(pixels * rng.uniform(*CONTRAST_RANGE), 0, 255)
+    change_saturation, change_hue = chance(), chance()
+    if change_saturation or change_hue:
+        hsv = np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if change_saturation:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*SATURATION_RANGE), 0, 255)
+        if change_hue:
+            hsv[..., 0] = (hsv[..., 0] + rng.integers(-HUE_DELTA, HUE_DELTA) * 256 / 180) % 256
+        hsv_image = Image.frombytes("HSV", (hsv.shape[1], hsv.shape[0]), hsv.astype(np.uint8).tobytes())
+        pixels = np.asarray(hsv_image.convert("RGB")).astype(np.float32)
+    if not contrast_first and chance():
+        pixels = np.clip(pixels * rng.uniform(*CONTRAST_RANGE), 0, 255)
+    return pixels
+
+
+def dg_train_transform(augmentation: DGTrainAugmentation, image_mean: tuple[float, ...], image_std: tuple[float, ...]):
+    """A `Dataset.with_transform` batch transform: each image and label map augmented by `augmentation`, normalised
+    (`image_mean`, `image_std` in 0-1) and padded to the crop (0 after normalisation, labels 255), as
+    mmsegmentation's data preprocessor pads. Randomness comes from torch's generator, which `Trainer` seeds and the
+    data loader reseeds in each worker.
+
+    Args:
+        augmentation: The training augmentation.
+        image_mean: Per-channel mean in 0-1.
+        image_std: Per-channel standard deviation in 0-1.
+    """
+    import torch
+
+    mean = np.asarray(image_mean, dtype=np.float32) * 255
+    std = np.asarray(image_std, dtype=np.float32) * 255
+    side = augmentation.crop_size
+
+    def transform(batch: dict) -> dict:
+        rng = np.random.default_rng(int(torch.randint(2**62, ()).item()))
+        pixel_values, labels = [], []
+        for image, label in zip(batch["image"], batch["label"], strict=True):
+            pixels, label = augmentation(image, np.asarray(label), rng)
+            padded = np.zeros((side, side, 3), dtype=np.float32)
+            padded[: pixels.shape[0], : pixels.shape[1]] = (pixels - mean) / std
+            padded_label = np.full((side, side), IGNORE_INDEX, dtype=np.int64)
+            padded_label[: label.shape[0], : label.shape[1]] = label
+            pixel_values.append(torch.from_numpy(padded).permute(2, 0, 1))
+            labels.append(torch.from_numpy(padded_label))
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    return transform

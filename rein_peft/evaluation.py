@@ -1,9 +1,10 @@
 """Semantic-segmentation evaluation as the official Rein configs do it: per-pixel class scores from any transformers
 segmentation model, sliding-window inference, and mean IoU.
 
-The mean IoU is `evaluate`'s "mean_iou" as a local module (`MEAN_IOU_METRIC`, rein_peft/mean_iou.py: the Hub's cannot
-be downloaded offline), whose arithmetic is `intersection_and_union` and `iou_from_areas` below; `evaluate_segmentation`
-sums the same per-image areas as it goes, instead of keeping every full-resolution map in `evaluate`'s Arrow cache.
+The mean IoU is `evaluate`'s "mean_iou" as a local module (`MEAN_IOU_METRIC`, rein_peft/mean_iou.py: the Hub's
+cannot be downloaded offline), whose arithmetic is `intersection_and_union` and `iou_from_areas` below;
+`evaluate_segmentation` sums the same per-image areas as it goes, instead of keeping every full-resolution map in
+`evaluate`'s Arrow cache.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def semantic_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
     size = pixel_values.shape[-2:]
     outputs = model(pixel_values=pixel_values)
     if getattr(outputs, "masks_queries_logits", None) is not None:
-        masks = nn.functional.interpolate(outputs.masks_queries_logits, size=size, mode="bilinear", align_corners=False)
+        masks = nn.functional.interpolate(
+            outputs.masks_queries_logits, size=size, mode="bilinear", align_corners=False
+        )
         class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K], without "no object"
         return torch.einsum("bqk,bqhw->bkhw", class_probs, masks.sigmoid())
     logits = getattr(outputs, "logits", None)
