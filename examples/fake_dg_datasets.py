@@ -91,7 +91,9 @@ def _palette_png(ids: np.ndarray) -> Image.Image:
     return image
 
 
-def write_fake_dataset(name: str, root: str, num_images: int = 4, split: str = "val", seed: int = 0) -> list[str]:
+def write_fake_dataset(
+    name: str, root: str, num_images: int = 4, split: str = "val", seed: int = 0
+) -> list[tuple[str, np.ndarray]]:
     """Write `num_images` fake images and label files of data set `name` under `root`, in its real layout.
 
     Args:
@@ -102,7 +104,7 @@ def write_fake_dataset(name: str, root: str, num_images: int = 4, split: str = "
         seed: Seed of the scenes.
 
     Returns:
-        The label files written, in the loader's order.
+        (label file, its train ids `[H, W]`) of each image, in the loader's order (by file name).
     """
     rng = np.random.default_rng(seed)
     labels_written = []
@@ -155,8 +157,8 @@ def write_fake_dataset(name: str, root: str, num_images: int = 4, split: str = "
             _palette_png(_encode(train_ids, table, unlabelled)).save(label)
         else:
             raise ValueError(f"Unknown data set {name!r}; use one of {sorted(REAL_SIZES)}.")
-        labels_written.append(label)
-    return sorted(labels_written)
+        labels_written.append((label, train_ids))
+    return sorted(labels_written, key=lambda written: written[0])
 
 
 def _encode(train_ids: np.ndarray, table: dict[int, int], unlabelled: int) -> np.ndarray:

@@ -314,7 +314,7 @@ def run_method(method, args, training, config, backbone, train_data, targets, te
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
     offline = "--source" not in (sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ProtocolArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS, **(OFFLINE_DEFAULTS if offline else {}))
+    parser.set_defaults(**{**TRAINING_DEFAULTS, **(OFFLINE_DEFAULTS if offline else {})})
     args, training = parser.parse_args_into_dataclasses(args=argv)
     if bad := [method for method in args.methods if method not in METHODS]:
         fail(f"--methods takes {METHODS}, got {bad}.")

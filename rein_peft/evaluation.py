@@ -209,7 +209,7 @@ def evaluate_segmentation(
         if test_size is not None:
             height, width = keep_ratio_size(image.height, image.width, test_size)
             image = image.resize((width, height), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image)).to(device).permute(2, 0, 1)[None].float() / 255
+        pixels = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float() / 255
         scores = slide_inference(model, (pixels - mean) / std, crop_size, stride)
         scores = nn.functional.interpolate(scores, size=label.shape, mode="bilinear", align_corners=False)
         prediction = scores.argmax(1)[0].cpu().numpy()
