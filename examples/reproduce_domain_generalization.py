@@ -320,19 +320,13 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         fail(f"--methods takes {METHODS}, got {bad}.")
     check_writable(training.output_dir)
     start = time.perf_counter()
-    config = None
     if offline:
         with training.main_process_first(desc="writing the offline data sets"):
             args.source, args.target, args.backbone = write_offline_world(os.path.join(training.output_dir, "offline"))
-        config = rein_peft.official_segmenter_config(args.backbone, dg_data.NUM_CLASSES, **OFFLINE_DECODER)
     elif not args.target:
         fail("--target NAME=PATH is needed with --source: the data set(s) to test on.")
     elif args.backbone is None:
         fail("--backbone is needed with --source: a DINOv2 checkpoint at patch 16 (see the docs' conversion step).")
-    if config is None:
-        config = rein_peft.official_segmenter_config(args.backbone, dg_data.NUM_CLASSES)
-    config.id2label = dict(enumerate(dg_data.CITYSCAPES_CLASSES))
-    config.label2id = {name: index for index, name in config.id2label.items()}
     sources, target_paths = _named_paths(args.source, "--source"), _named_paths(args.target, "--target")
     test_sizes = _test_sizes(args)
     try:
@@ -346,6 +340,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
                     targets[key] = targets[key].select(range(min(args.max_eval_images, len(targets[key]))))
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
+    try:
+        config = rein_peft.official_segmenter_config(
+            args.backbone, dg_data.NUM_CLASSES, **(OFFLINE_DECODER if offline else {})
+        )
+    except (OSError, ValueError) as error:  # no such checkpoint, a patch size the pyramid cannot take
+        fail(f"--backbone {args.backbone!r}: {error}")
+    config.id2label = dict(enumerate(dg_data.CITYSCAPES_CLASSES))
+    config.label2id = {name: index for index, name in config.id2label.items()}
     transform = dg_data.dg_train_transform(_augmentation(args), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_data = train_data.with_transform(transform)
     rows = {
