@@ -23,6 +23,7 @@ downloaded here, so this script builds a faithful miniature and runs the same pr
     python benchmarks/domain_generalization.py            # the miniature: about 30 minutes on 2 CPU cores
     python benchmarks/domain_generalization.py --quick    # a smoke run of the pipeline (seconds; numbers mean nothing)
     python benchmarks/domain_generalization.py --foundation mae+invariance   # a style-invariant foundation (below)
+    python benchmarks/domain_generalization.py --segmenter official   # the official Rein segmenter (Mask2Former)
     python benchmarks/domain_generalization.py --backbone facebook/dinov2-small --device cuda \\
         --image_size 224 --source ./gtav --target cityscapes=./cityscapes --target bdd=./bdd100k --num_labels 19
 
@@ -65,6 +66,7 @@ from transformers import (
     Dinov2Backbone,
     Dinov2Config,
     Dinov2Model,
+    Mask2FormerConfig,
     UperNetConfig,
     UperNetForSemanticSegmentation,
     ViTMAEConfig,
@@ -73,6 +75,7 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
+from rein_peft.official import HEAD_MODULES, apply_method, mask_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ("sky", "building", "road", "vegetation", "vehicle")
@@ -392,6 +395,12 @@ METHOD_NAMES = {
     "rein_lora16": "Rein (lora_dim=16)",
 }
 DECODER = "decode_head"
+# --segmenter official: rein_peft.build_official_segmenter (Mask2Former over the x4/x2/x1/x0.5 pyramid, queries
+# linked to Rein's tokens), each method as rein_peft names it; on the miniature backbone its decoder is scaled down
+SEGMENTERS = ("upernet", "official")
+OFFICIAL_METHODS = {"frozen": "frozen", "lora": "lora", "full": "full", "rein": "rein_full_rank"}
+OFFICIAL_METHODS["rein_lora16"] = "rein"
+MINIATURE_OFFICIAL_DECODER = {"encoder_layers": 2, "decoder_layers": 4, "num_queries": 16, "train_num_points": 1024}
 
 
 @dataclass
@@ -454,9 +463,21 @@ def pixel_batches(dataset: datasets.Dataset, processor, side: int, config: UperN
     return dataset.with_transform(protocol.resize_transform(processor, side, config))
 
 
-def segmenter_config(backbone_path: str, task: Task, decoder_channels: int) -> UperNetConfig:
+def segmenter_config(
+    backbone_path: str, task: Task, decoder_channels: int, official: bool = False, miniature: bool = True
+) -> UperNetConfig | Mask2FormerConfig:
     """UperNet over a `Dinov2Backbone` shaped like the checkpoint, fed by the outputs of 4 evenly spaced layers
-    without the final norm, as the official Rein features are taken."""
+    without the final norm, as the official Rein features are taken; or (`official`) the official Rein segmenter,
+    its decoder `decoder_channels` wide and shallower on the `miniature` backbone."""
+    if official:
+        widths = {  # the official ratios: 256 wide, feed-forward 2048 in the decoder and 1024 in the pixel decoder
+            **dict.fromkeys(("hidden_dim", "mask_feature_size", "feature_size"), decoder_channels),
+            "dim_feedforward": 8 * decoder_channels,
+            "encoder_feedforward_dim": 4 * decoder_channels,
+        }
+        scaled_down = {**MINIATURE_OFFICIAL_DECODER, **widths} if miniature else {}
+        labels = {"id2label": dict(enumerate(task.class_names))} if task.class_names else {}
+        return rein_peft.official_segmenter_config(backbone_path, task.num_labels, **labels, **scaled_down)
     backbone_config = protocol.dinov2_backbone_config(backbone_path)
     return protocol.segmenter_config(
         "upernet", backbone_config, task.num_labels, task.class_names, hidden_size=decoder_channels
@@ -466,6 +487,8 @@ def segmenter_config(backbone_path: str, task: Task, decoder_channels: int) -> U
 def segmenter(config: UperNetConfig, backbone_path: str, seed: int) -> UperNetForSemanticSegmentation:
     """The segmenter with the decoder initialised from `seed` and the checkpoint's backbone weights."""
     torch.manual_seed(seed)
+    if isinstance(config, Mask2FormerConfig):
+        return rein_peft.build_official_segmenter(backbone_path, config.num_labels, method="full", config=config)
     model = UperNetForSemanticSegmentation(config)
     backbone = Dinov2Backbone.from_pretrained(backbone_path, config=config.backbone_config)
     model.backbone.load_state_dict(backbone.state_dict())
@@ -475,6 +498,8 @@ def segmenter(config: UperNetConfig, backbone_path: str, seed: int) -> UperNetFo
 def prepare(model: UperNetForSemanticSegmentation, method: str, seed: int) -> nn.Module:
     """The model as `method` trains it: what is trainable, and the adapter (created from `seed`) where there is one."""
     torch.manual_seed(seed)
+    if isinstance(model.config, Mask2FormerConfig):
+        return apply_method(model, OFFICIAL_METHODS[method])
     if method == "full":
         return model
     if method == "frozen":
@@ -496,7 +521,7 @@ def prepare(model: UperNetForSemanticSegmentation, method: str, seed: int) -> nn
 def optimizer_for(model: nn.Module, method: str, args: argparse.Namespace) -> torch.optim.AdamW:
     """Rein's optimiser recipe (AdamW, no decay on tokens, scales, biases and norms) for every method; full
     fine-tuning gives the pretrained backbone `args.backbone_lr_multiplier` times the learning rate."""
-    backbone = model.backbone if method == "full" else None
+    backbone = backbone_of(model) if method == "full" else None
     return protocol.official_optimizer(
         model, args.lr, args.weight_decay, backbone=backbone, backbone_lr_multiplier=args.backbone_lr_multiplier
     )
@@ -516,7 +541,7 @@ def train(model: nn.Module, method: str, data: datasets.Dataset, args: argparse.
         flip = torch.rand(args.batch_size, generator=generator) < 0.5
         pixel_values, labels = batch["pixel_values"], batch["labels"]
         pixel_values[flip], labels[flip] = pixel_values[flip].flip(-1), labels[flip].flip(-1)
-        loss = model(pixel_values=pixel_values.to(args.device), labels=labels.to(args.device)).loss
+        loss = model(pixel_values=pixel_values.to(args.device), **targets(labels.to(args.device), model.config)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -526,13 +551,26 @@ def train(model: nn.Module, method: str, data: datasets.Dataset, args: argparse.
     return time.perf_counter() - start
 
 
+def targets(labels: torch.Tensor, config: UperNetConfig | Mask2FormerConfig) -> dict:
+    """The loss's targets: the label maps, or for Mask2Former one binary mask per class present."""
+    if isinstance(config, Mask2FormerConfig):
+        return mask_targets(labels, rein_peft.segmentation_ignore_index(config))
+    return {"labels": labels}
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The segmenter's DINOv2 backbone (a `PeftModel`'s, with its adapter)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.backbone if hasattr(base, "backbone") else base.get_submodule(rein_peft.official.BACKBONE_MODULE)
+
+
 @torch.no_grad()
 def feature_similarity(
     model: nn.Module, source: datasets.Dataset, target: datasets.Dataset, device: str, batch_size: int = 50
 ) -> float:
     """Mean cosine similarity, over patches, between the deepest features the decoder reads for the same scenes drawn
     in the source style and in a target style: 1.0 means that the backbone, as trained, does not see the style."""
-    backbone = (model.get_base_model() if isinstance(model, PeftModel) else model).backbone
+    backbone = backbone_of(model)
     backbone.eval()
     similarities = []
     for start in range(0, len(source), batch_size):
@@ -559,6 +597,7 @@ def run_one(
 ) -> dict:
     model = prepare(segmenter(config, backbone_path, seed), method, seed).to(args.device)
     trainable = {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}
+    decoder = HEAD_MODULES if isinstance(config, Mask2FormerConfig) else [DECODER]
     seconds = train(model, method, data["train"], args, seed)
     source = protocol.dataset_mean_iou(model, data["source"], device=args.device)
     targets = {
@@ -572,7 +611,9 @@ def run_one(
         "method": method,
         "seed": seed,
         "trainable_params": sum(trainable.values()),
-        "trainable_backbone_params": sum(count for name, count in trainable.items() if DECODER not in name),
+        "trainable_backbone_params": sum(
+            count for name, count in trainable.items() if not any(module in name for module in decoder)
+        ),
         "train_seconds": seconds,
         "source_miou": source,
         "target_miou": targets,
@@ -679,6 +720,8 @@ def run(args: argparse.Namespace) -> dict:
     recipe = QUICK_RECIPE if args.quick else FOUNDATIONS[args.foundation]
     if args.quick and args.foundation != "mae":
         recipe = replace(recipe, invariance=FOUNDATIONS[args.foundation].invariance)
+    if args.quick and args.segmenter == "official":  # the official pyramid takes 4 distinct layers
+        recipe = replace(recipe, layers=4)
     if args.backbone is None:
         backbone_path = build_backbone(recipe, args.cache_dir)
         backbone_name = f"{args.foundation}-pretrained miniature ViT ({recipe.layers} layers, width {recipe.hidden})"
@@ -690,7 +733,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         task, source_name = user_task(args), args.source
     processor = AutoImageProcessor.from_pretrained(backbone_path)
-    config = segmenter_config(backbone_path, task, args.decoder_channels)
+    config = segmenter_config(
+        backbone_path, task, args.decoder_channels, args.segmenter == "official", miniature=args.backbone is None
+    )
     data = {
         "train": pixel_batches(task.train, processor, side, config),
         "source": pixel_batches(task.source, processor, side, config),
@@ -728,7 +773,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="of the decoder and the adapters")
     parser.add_argument("--backbone_lr_multiplier", type=float, default=0.1, help="full fine-tuning's backbone lr")
     parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--decoder_channels", type=int, default=64, help="UperNet's width")
+    parser.add_argument("--decoder_channels", type=int, default=64, help="the decoder's width on the miniature")
+    parser.add_argument(
+        "--segmenter", choices=SEGMENTERS, default="upernet", help="UperNet, or the official Rein segmenter"
+    )
     parser.add_argument("--train_images", type=int, default=2000, help="miniature source images to train on")
     parser.add_argument("--eval_images", type=int, default=200, help="miniature images per evaluated style")
     parser.add_argument("--foundation", choices=FOUNDATIONS, default="mae", help="the miniature backbone's recipe")
@@ -756,6 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(result)
     os.makedirs(args.output, exist_ok=True)
     foundation = "" if args.backbone or args.foundation == "mae" else "_" + args.foundation.replace("mae+", "")
+    foundation += "_official" if args.segmenter == "official" else ""
     stem = os.path.join(args.output, "domain_generalization" + foundation + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as file:
         json.dump(result, file, indent=2)

@@ -5,9 +5,11 @@ With no flags it runs offline on an embedded task: a small DINOv2 built from a c
 `--backbone_name_or_path facebook/dinov2-small --dataset_name <hub dataset or folder>`.
 
 The decoder is UperNet (`--decoder upernet`) or Mask2Former (`--decoder mask2former`, whose queries Rein's tokens can
-replace with `--link_token_to_query`), both over a `Dinov2Backbone`. It trains the decoder over the frozen backbone
-alone (the baseline) and Rein with the same decoder, evaluates both on held-out images with mean IoU, saves the
-adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and prints a results table.
+replace with `--link_token_to_query`), both over a `Dinov2Backbone`; `--official_segmenter` builds the official Rein
+segmenter instead (`rein_peft.build_official_segmenter`: Mask2Former over a feature pyramid, the official Rein). It
+trains the decoder over the frozen backbone alone (the baseline) and Rein with the same decoder, evaluates both on
+held-out images with mean IoU, saves the adapter, reloads it with `PeftModel.from_pretrained`, re-evaluates, and prints
+a results table.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
+from rein_peft.official import apply_method
 from rein_peft.protocol import BACKBONE_MODULE, DECODER_MODULES
 
 DEFAULT_IMAGE_SIZE = 224  # for a checkpoint, unless --image_size says otherwise
@@ -85,7 +88,18 @@ class ScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not train the frozen-backbone baseline."})
+    official_segmenter: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the official Rein segmenter (rein_peft.build_official_segmenter): Mask2Former over the "
+            "x4/x2/x1/x0.5 pyramid, official decoder (scaled down for the embedded backbone), official Rein "
+            "(lora_dim 16, linked queries; the Rein flags are ignored). Needs a patch-16 checkpoint (resize_backbone)."
+        },
+    )
 
+
+# the official decoder's sizes scaled down to the embedded backbone, as the small Mask2Former below
+EMBEDDED_OFFICIAL_DECODER = {**protocol.mask2former_sizes(64), "num_queries": 16, "train_num_points": 1024}
 
 # --- the embedded default: a tiny DINOv2 and scenes whose labels need more than one patch --------------------------
 
@@ -180,8 +194,13 @@ def preprocess(
 
 def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: int) -> PretrainedConfig:
     """The config of the decoder over a `Dinov2Backbone` shaped like the checkpoint."""
+    names = CLASS_NAMES if script.dataset_name is None else [f"class {index}" for index in range(num_labels)]
+    if script.official_segmenter:  # the official decoder; scaled down like the one below for the embedded backbone
+        scaled_down = EMBEDDED_OFFICIAL_DECODER if script.backbone_name_or_path is None else {}
+        return rein_peft.official_segmenter_config(
+            backbone_path, num_labels=num_labels, id2label=dict(enumerate(names)), **scaled_down
+        )
     backbone_config = protocol.dinov2_backbone_config(backbone_path, script.out_indices)
-    names = CLASS_NAMES if script.dataset_name is None else None
     return protocol.segmenter_config(
         script.decoder, backbone_config, num_labels, names, hidden_size=64, num_queries=script.num_queries
     )
@@ -190,6 +209,8 @@ def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: in
 def load_segmenter(script: ScriptArguments, config: PretrainedConfig, backbone_path: str, seed: int) -> nn.Module:
     """The decoder (initialised from `seed`, the same for the baseline and Rein) over the checkpoint's backbone."""
     torch.manual_seed(seed)
+    if script.official_segmenter:
+        return rein_peft.build_official_segmenter(backbone_path, config.num_labels, method="full", config=config)
     model_class = (
         UperNetForSemanticSegmentation if script.decoder == "upernet" else Mask2FormerForUniversalSegmentation
     )
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     script, rein, training = parser.parse_args_into_dataclasses(args=argv)
     if script.decoder not in DECODER_MODULES:
         fail(f"--decoder must be one of {sorted(DECODER_MODULES)}, got {script.decoder!r}.")
+    if script.official_segmenter:
+        script.decoder = "mask2former"
     check_writable(training.output_dir)
     push_to_hub, training.push_to_hub = training.push_to_hub, False  # the adapter alone is pushed at the end
     start = time.perf_counter()
@@ -230,8 +253,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             os.path.join(training.output_dir, "base-model")
         )
     processor = AutoImageProcessor.from_pretrained(backbone_path)
-    side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else DEFAULT_IMAGE_SIZE)
     model_config = segmenter_config(script, backbone_path, num_labels)
+    official_side = model_config.backbone_config.image_size if script.official_segmenter else DEFAULT_IMAGE_SIZE
+    side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else official_side)
     data = preprocess(splits, processor, side, model_config, script)
     collator = protocol.segmentation_collator(model_config)
     modules_to_save = DECODER_MODULES[script.decoder]
@@ -250,12 +274,13 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         results["frozen_head_miou"] = protocol.dataset_mean_iou(baseline, data["validation"])
 
     base = load_model()
-    linked = rein.link_token_to_query and script.decoder == "mask2former"
+    linked = (rein.link_token_to_query and script.decoder == "mask2former") or script.official_segmenter
     config = rein.to_config(modules_to_save=modules_to_save)
     if linked:  # the tokens become the decoder's queries: one per query, as wide as the decoder
-        config.token_length, config.query_dims = script.num_queries, base.config.hidden_dim
+        config.token_length, config.query_dims = base.config.num_queries, base.config.hidden_dim
     try:
-        model = get_peft_model(base, config)
+        # the official segmenter trains the official Rein (100 low-rank tokens of rank 16, linked), not the flags'
+        model = apply_method(base, "rein") if script.official_segmenter else get_peft_model(base, config)
     except ValueError as error:  # ReinUnsupportedModelError, a decoder that does not fit the linked queries, ...
         fail(str(error))
     model.print_trainable_parameters()

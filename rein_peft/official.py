@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
@@ -77,7 +78,7 @@ BACKBONE_MODULE = "model.pixel_level_module.encoder"
 LORA_TARGETS = BACKBONE_MODULE.replace(".", r"\.") + r"\.encoder\.layer\.\d+\.attention\.(q_proj|v_proj)"
 # what trains besides the backbone or its adapter: the pixel decoder, the transformer decoder and the class head
 HEAD_MODULES = ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"]
-METHODS = ("rein", "frozen", "full", "lora")
+METHODS = ("rein", "rein_full_rank", "frozen", "full", "lora")
 
 
 def _official_layers(num_layers: int) -> list[int]:
@@ -112,9 +113,13 @@ def _pyramid_config(backbone_config: Dinov2Config | str | os.PathLike | None) ->
     return Dinov2PyramidConfig(**{key: value for key, value in geometry.items() if key not in ignored}, **pyramid)
 
 
+def _patch_size(config: Dinov2Config) -> int:
+    return config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+
+
 def _feature_strides(config: Dinov2PyramidConfig) -> list[int]:
     """Stride of each pyramid level: patch / scale (4, 8, 16, 32 for patch 16)."""
-    patch_size = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    patch_size = _patch_size(config)
     strides = [patch_size / scale for scale in config.feature_scales]
     if any(stride != int(stride) for stride in strides):
         raise ValueError(
@@ -150,15 +155,11 @@ def official_segmenter_config(
     return Mask2FormerConfig(backbone_config=backbone, num_labels=num_labels, **settings)
 
 
-def _backbone_checkpoint_patch_size(backbone: str | os.PathLike) -> int:
-    patch_size = Dinov2Config.from_pretrained(backbone).patch_size
-    return patch_size if isinstance(patch_size, int) else patch_size[0]
-
-
 def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.Module:
-    """Make `model` train as `method` does: "rein" (the official Rein, a `PeftModel`), "frozen" (the backbone frozen,
-    the decoder trains), "full" (everything trains) or "lora" (PEFT LoRA r=16 on the backbone's query and value
-    projections, a `PeftModel`). The head (`HEAD_MODULES`) trains in every method."""
+    """Make `model` train as `method` does: "rein" (the official Rein, a `PeftModel`), "rein_full_rank" (the same with
+    full-rank tokens, the official `Reins`), "frozen" (the backbone frozen, the decoder trains), "full" (everything
+    trains) or "lora" (PEFT LoRA r=16 on the backbone's query and value projections, a `PeftModel`). The head
+    (`HEAD_MODULES`) trains in every method."""
     if method == "full":
         return model
     if method == "frozen":
@@ -173,9 +174,10 @@ def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.
             modules_to_save=HEAD_MODULES,
         )
         return get_peft_model(model, config)
-    if method == "rein":
+    if method in ("rein", "rein_full_rank"):
+        rein = {**OFFICIAL_REIN, "lora_dim": None} if method == "rein_full_rank" else OFFICIAL_REIN
         config = ReinConfig(
-            **OFFICIAL_REIN,
+            **rein,
             token_length=model.config.num_queries,  # the tokens become the decoder's queries: one each
             query_dims=model.config.hidden_dim,
             modules_to_save=HEAD_MODULES,
@@ -204,15 +206,16 @@ def build_official_segmenter(
         backbone: A DINOv2 checkpoint at patch 16 (name or folder; resize a released DINOv2 with
             `resize_patch_embedding` or `python -m rein_peft.resize_backbone` first), whose weights are loaded into
             the pyramid backbone. `None`: random weights (for shape checks and timing).
-        num_labels: Classes of the dataset (19 for Cityscapes train ids).
+        num_labels: Classes of the dataset (19 for Cityscapes train ids); with `config`, the config's count is used.
         method: "rein" (Rein with 100 low-rank tokens of rank 16 after every layer, its tokens linked to the
-            decoder's queries, the head trained with it), "frozen" (frozen backbone, the decoder trains), "full"
-            (everything trains) or "lora" (PEFT LoRA r=16 on query/value, and the head).
+            decoder's queries, the head trained with it), "rein_full_rank" (the same with full-rank tokens), "frozen"
+            (frozen backbone, the decoder trains), "full" (everything trains) or "lora" (PEFT LoRA r=16 on
+            query/value, and the head).
         config: The segmenter's config; default `official_segmenter_config(backbone, num_labels)`. Pass a scaled-down
             one for tests.
 
     Returns:
-        A `PeftModel` for "rein" and "lora", else the `Mask2FormerForUniversalSegmentation` itself.
+        A `PeftModel` for "rein", "rein_full_rank" and "lora", else the `Mask2FormerForUniversalSegmentation`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -224,9 +227,9 @@ def build_official_segmenter(
             " Build the config with `rein_peft.official_segmenter_config(...)`."
         )
     if backbone is not None:
-        checkpoint_patch = _backbone_checkpoint_patch_size(backbone)
-        backbone_patch = config.backbone_config.patch_size
-        if checkpoint_patch != (backbone_patch if isinstance(backbone_patch, int) else backbone_patch[0]):
+        checkpoint_patch = _patch_size(Dinov2Config.from_pretrained(backbone))
+        backbone_patch = _patch_size(config.backbone_config)
+        if checkpoint_patch != backbone_patch:
             raise ValueError(
                 f"The checkpoint '{backbone}' has patch size {checkpoint_patch} but the segmenter's backbone "
                 f"{backbone_patch}. Resize it first: `python -m rein_peft.resize_backbone {backbone} <output_dir> "
@@ -245,3 +248,18 @@ def build_official_segmenter(
             )
         model.get_submodule(BACKBONE_MODULE).load_state_dict(pretrained.state_dict())
     return apply_method(model, method)
+
+
+# --- training and evaluating it on semantic label maps ---------------------------------------------------------------
+
+
+def mask_targets(label_maps: torch.Tensor, ignore_index: int) -> dict[str, list[torch.Tensor]]:
+    """Mask2Former's targets from semantic label maps `[B, H, W]`: per image, one binary mask `[K_i, H, W]` for each
+    class present (the ignored pixels in none) and those classes `[K_i]`, as mmsegmentation's Mask2Former head makes
+    them."""
+    classes = [label_map[label_map != ignore_index].unique() for label_map in label_maps]
+    masks = [
+        (label_map[None] == present[:, None, None]).float()
+        for label_map, present in zip(label_maps, classes, strict=True)
+    ]
+    return {"mask_labels": masks, "class_labels": classes}

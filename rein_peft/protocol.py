@@ -13,6 +13,7 @@ from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, PretrainedConfig, UperNetConfig
 
 from .evaluation import intersection_and_union, iou_from_areas, semantic_logits
+from .official import mask_targets
 from .segmentation import check_label_maps, segmentation_ignore_index
 from .training import rein_parameter_groups
 
@@ -53,6 +54,21 @@ def dinov2_backbone_config(backbone_path: str, out_indices: list[int] | None = N
     )
 
 
+def mask2former_sizes(hidden_size: int = 64) -> dict:
+    """The sizes of the small Mask2Former that `segmenter_config` builds (and the scaled-down official decoders over
+    the examples' tiny backbones): `hidden_size` wide, 2 pixel-decoder and 3 decoder layers, 4 heads."""
+    return {
+        "hidden_dim": hidden_size,
+        "mask_feature_size": hidden_size,
+        "feature_size": hidden_size,
+        "encoder_layers": 2,
+        "decoder_layers": 3,
+        "dim_feedforward": 2 * hidden_size,
+        "encoder_feedforward_dim": 2 * hidden_size,
+        "num_attention_heads": 4,
+    }
+
+
 def segmenter_config(
     decoder: str,
     backbone_config: PretrainedConfig,
@@ -86,15 +102,8 @@ def segmenter_config(
         return Mask2FormerConfig(
             backbone_config=backbone_config,
             num_queries=num_queries,
-            hidden_dim=hidden_size,
-            mask_feature_size=hidden_size,
-            feature_size=hidden_size,
-            encoder_layers=2,
-            decoder_layers=3,
-            dim_feedforward=2 * hidden_size,
-            encoder_feedforward_dim=2 * hidden_size,
-            num_attention_heads=4,
             common_stride=4,
+            **mask2former_sizes(hidden_size),
             **labels,
         )
     raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
@@ -143,12 +152,7 @@ def segmentation_collator(config: PretrainedConfig):
         labels = torch.stack([torch.as_tensor(example["labels"]) for example in examples])
         if not masks_per_class:
             return {"pixel_values": pixel_values, "labels": labels}
-        classes = [label_map[label_map != ignore_index].unique() for label_map in labels]
-        masks = [
-            (label_map[None] == present[:, None, None]).float()
-            for label_map, present in zip(labels, classes, strict=True)
-        ]
-        return {"pixel_values": pixel_values, "mask_labels": masks, "class_labels": classes}
+        return {"pixel_values": pixel_values, **mask_targets(labels, ignore_index)}
 
     return collate
 
