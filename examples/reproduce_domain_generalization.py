@@ -196,8 +196,8 @@ def _augmentation(args: ProtocolArguments) -> dg_data.DGTrainAugmentation:
 
 def write_offline_world(folder: str) -> tuple[list[str], list[str], str]:
     """The offline default's inputs: fake data sets in their real layouts and a tiny DINOv2 checkpoint."""
-    source = f"{OFFLINE_SOURCE}={write_and_return(OFFLINE_SOURCE, folder, 'train', seed=1)}"
-    targets = [f"{name}={write_and_return(name, folder, 'val', seed=2)}" for name in OFFLINE_TARGETS]
+    source = f"{OFFLINE_SOURCE}={_fake_dataset_folder(OFFLINE_SOURCE, folder, 'train', seed=1)}"
+    targets = [f"{name}={_fake_dataset_folder(name, folder, 'val', seed=2)}" for name in OFFLINE_TARGETS]
     backbone = os.path.join(folder, "dinov2-tiny-p8")
     if not os.path.isfile(os.path.join(backbone, "config.json")):
         torch.manual_seed(0)
@@ -205,7 +205,8 @@ def write_offline_world(folder: str) -> tuple[list[str], list[str], str]:
     return [source], targets, backbone
 
 
-def write_and_return(name: str, folder: str, split: str, seed: int) -> str:
+def _fake_dataset_folder(name: str, folder: str, split: str, seed: int) -> str:
+    """`folder/name`, holding a fake copy of data set `name` (written on first use)."""
     root = os.path.join(folder, name)
     if not os.path.isdir(root):
         write_fake_dataset(name, root, OFFLINE_IMAGES, split=split, seed=seed)
@@ -221,6 +222,8 @@ def load_source(pairs: list[tuple[str, str]], split: str, num_proc: int | None):
 
 def prediction_picture(examples: dict, path: str, height: int = 256) -> None:
     """One row per image: the image, its label map and the prediction, in Cityscapes' colours."""
+    if not examples:
+        return
     rows = []
     for image, label, prediction in examples.values():
         width = round(image.width * height / image.height)
@@ -236,7 +239,7 @@ def results_markdown(result: dict) -> str:
     targets = result["target_names"]
     lines = [
         f"mIoU (%) trained on {' + '.join(result['source_names'])}, backbone {result['backbone']}, "
-        f"{result['settings']['max_steps']} steps; reported: DINOv2-L + Mask2Former on GTAV (REIN.md)",
+        f"{result['settings']['max_steps']} steps",
         "",
         "| method | " + " | ".join(targets) + " | mean | train s |",
         "| --- " * (len(targets) + 3) + "|",
@@ -248,7 +251,7 @@ def results_markdown(result: dict) -> str:
             reported = REPORTED.get((method, name)) if result["source_names"] == ["gta"] else None
             cells.append(f"{100 * measured:.1f}" + (f" ({reported[0]}, {reported[1]})" if reported else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
-    lines += ["", "In brackets: the reported number and where it is from."]
+    lines += ["", "In brackets: the number reported for DINOv2-L + Mask2Former trained on GTAV, and where it is from."]
     return "\n".join(lines) + "\n"
 
 
