@@ -352,8 +352,13 @@ def load_dg_dataset(
             num_proc=num_proc if num_proc and num_proc > 1 else None,
             split=datasets.Split.TRAIN if split == "train" else datasets.Split.VALIDATION,
         )
-    except datasets.exceptions.DatasetGenerationError as error:  # the label file's own error, not the wrapper
-        raise error.__cause__ or error from None
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, (ValueError, OSError)):  # the label file's own error, not the wrapper
+            raise error.__cause__ from None
+        # from worker processes the cause arrives as text: find the file again, in this process
+        for _, label in pairs:
+            to_train_ids(read_label_ids(label), id_table, num_ids, label)
+        raise
 
 
 # --- the official training augmentations (`configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py`) -----------------

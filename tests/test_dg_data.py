@@ -205,3 +205,13 @@ def test_train_transform_normalises_and_pads_to_the_crop():
     offsets = [x for x in range(5) if (label[:, x : x + 16] == crop).all()]
     expected = (np.asarray(image, dtype=np.float32)[:, offsets[0] : offsets[0] + 16] / 255 - mean) / std
     torch.testing.assert_close(pixel_values[:, :10].permute(1, 2, 0), torch.from_numpy(expected.astype(np.float32)))
+
+
+def test_conversion_in_worker_processes_gives_the_same_labels_and_errors(tmp_path):
+    written = write_fake_dataset("gta", str(tmp_path / "gta"), num_images=4)
+    dataset = load_dg_dataset("gta", str(tmp_path / "gta"), cache_dir=str(tmp_path / "cache"), num_proc=2)
+    for example, (_, train_ids) in zip(dataset, written, strict=True):
+        np.testing.assert_array_equal(np.asarray(example["label"]), train_ids)
+    Image.fromarray(np.full((4, 4), 40, dtype=np.uint8)).save(written[2][0])
+    with pytest.raises(ValueError, match=rf"{written[2][0]} holds label ids \[40\]"):
+        load_dg_dataset("gta", str(tmp_path / "gta"), cache_dir=str(tmp_path / "cache2"), num_proc=2)
