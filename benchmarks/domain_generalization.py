@@ -75,7 +75,7 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
-from rein_peft.official import HEAD_MODULES, apply_method, mask_targets
+from rein_peft.official import BACKBONE_MODULE, HEAD_MODULES, apply_method, mask_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ("sky", "building", "road", "vegetation", "vehicle")
@@ -398,8 +398,13 @@ DECODER = "decode_head"
 # --segmenter official: rein_peft.build_official_segmenter (Mask2Former over the x4/x2/x1/x0.5 pyramid, queries
 # linked to Rein's tokens), each method as rein_peft names it; on the miniature backbone its decoder is scaled down
 SEGMENTERS = ("upernet", "official")
-OFFICIAL_METHODS = {"frozen": "frozen", "lora": "lora", "full": "full", "rein": "rein_full_rank"}
-OFFICIAL_METHODS["rein_lora16"] = "rein"
+OFFICIAL_METHODS = {
+    "frozen": "frozen",
+    "lora": "lora",
+    "full": "full",
+    "rein": "rein_full_rank",
+    "rein_lora16": "rein",
+}
 MINIATURE_OFFICIAL_DECODER = {"encoder_layers": 2, "decoder_layers": 4, "num_queries": 16, "train_num_points": 1024}
 
 
@@ -561,7 +566,7 @@ def targets(labels: torch.Tensor, config: UperNetConfig | Mask2FormerConfig) -> 
 def backbone_of(model: nn.Module) -> nn.Module:
     """The segmenter's DINOv2 backbone (a `PeftModel`'s, with its adapter)."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.backbone if hasattr(base, "backbone") else base.get_submodule(rein_peft.official.BACKBONE_MODULE)
+    return base.backbone if hasattr(base, "backbone") else base.get_submodule(BACKBONE_MODULE)
 
 
 @torch.no_grad()
@@ -773,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="of the decoder and the adapters")
     parser.add_argument("--backbone_lr_multiplier", type=float, default=0.1, help="full fine-tuning's backbone lr")
     parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--decoder_channels", type=int, default=64, help="the decoder's width on the miniature")
+    parser.add_argument("--decoder_channels", type=int, default=64, help="UperNet's (miniature: any decoder's) width")
     parser.add_argument(
         "--segmenter", choices=SEGMENTERS, default="upernet", help="UperNet, or the official Rein segmenter"
     )

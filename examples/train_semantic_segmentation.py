@@ -42,7 +42,6 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
-from rein_peft.official import apply_method
 from rein_peft.protocol import BACKBONE_MODULE, DECODER_MODULES
 
 DEFAULT_IMAGE_SIZE = 224  # for a checkpoint, unless --image_size says otherwise
@@ -279,8 +278,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     if linked:  # the tokens become the decoder's queries: one per query, as wide as the decoder
         config.token_length, config.query_dims = base.config.num_queries, base.config.hidden_dim
     try:
-        # the official segmenter trains the official Rein (100 low-rank tokens of rank 16, linked), not the flags'
-        model = apply_method(base, "rein") if script.official_segmenter else get_peft_model(base, config)
+        if script.official_segmenter:  # the official Rein (100 low-rank tokens of rank 16, linked), not the flags'
+            model = rein_peft.official.apply_method(base, "rein")
+        else:
+            model = get_peft_model(base, config)
     except ValueError as error:  # ReinUnsupportedModelError, a decoder that does not fit the linked queries, ...
         fail(str(error))
     model.print_trainable_parameters()

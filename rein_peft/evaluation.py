@@ -25,35 +25,46 @@ MEAN_IOU_METRIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mean
 SLIDE_CROP_SIZE, SLIDE_STRIDE = 512, 341
 
 
-def semantic_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class scores `[B, num_labels, H, W]` at the input's size, from any transformers segmentation model.
+def semantic_scores(outputs, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-pixel class scores `[B, num_labels, h, w]` from a segmentation model's outputs.
 
-    Per-pixel decoders (UperNet, DPT, BEiT, SegFormer: `outputs.logits`) are resized bilinearly to the input. Mask
-    decoders (Mask2Former, MaskFormer, EoMT: class and mask logits per query) give the standard semantic scores, as
-    their image processors' `post_process_semantic_segmentation` (and mmsegmentation) compute them: mask logits
-    resized to the input, then `sum_q softmax(class logits)[q, k] * sigmoid(mask)[q]`, the no-object class left out.
+    Per-pixel decoders (UperNet, DPT, BEiT, SegFormer): `outputs.logits`. Mask decoders (Mask2Former, MaskFormer,
+    EoMT: class and mask logits per query): the standard semantic scores, as their image processors'
+    `post_process_semantic_segmentation` and mmsegmentation compute them: `sum_q softmax(class logits)[q, k] *
+    sigmoid(mask logits)[q]`, the no-object class left out.
+
+    Args:
+        outputs: The model's outputs.
+        size: (height, width) to resize to, bilinearly (the mask logits before their sigmoid, as mmsegmentation
+            does); `None` keeps the model's own resolution.
+    """
+
+    def resized(logits: torch.Tensor) -> torch.Tensor:
+        if size is None or tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    if getattr(outputs, "masks_queries_logits", None) is not None:
+        class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K], without "no object"
+        return torch.einsum("bqk,bqhw->bkhw", class_probs, resized(outputs.masks_queries_logits).sigmoid())
+    logits = getattr(outputs, "logits", None)
+    if logits is None or logits.ndim != 4:
+        raise TypeError(
+            f"{type(outputs).__name__} holds no per-pixel logits [B, K, h, w] nor mask and class logits per query; "
+            "class scores come from semantic-segmentation models (UperNet, DPT, SegFormer, Mask2Former, EoMT, ...)."
+        )
+    return resized(logits)
+
+
+def semantic_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class scores `[B, num_labels, H, W]` at the input's size, from any transformers segmentation model
+    (`semantic_scores` of its outputs, resized to the input).
 
     Args:
         model: A segmentation model (or a `PeftModel` around one), in eval mode.
         pixel_values: `[B, 3, H, W]` normalised images.
     """
-    size = pixel_values.shape[-2:]
-    outputs = model(pixel_values=pixel_values)
-    if getattr(outputs, "masks_queries_logits", None) is not None:
-        masks = nn.functional.interpolate(
-            outputs.masks_queries_logits, size=size, mode="bilinear", align_corners=False
-        )
-        class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K], without "no object"
-        return torch.einsum("bqk,bqhw->bkhw", class_probs, masks.sigmoid())
-    logits = getattr(outputs, "logits", None)
-    if logits is None or logits.ndim != 4:
-        raise TypeError(
-            f"{type(model).__name__} returns no per-pixel logits [B, K, h, w] nor mask and class logits per query; "
-            "semantic_logits takes semantic-segmentation models (UperNet, DPT, SegFormer, Mask2Former, EoMT, ...)."
-        )
-    if logits.shape[-2:] != size:
-        logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits
+    return semantic_scores(model(pixel_values=pixel_values), size=tuple(pixel_values.shape[-2:]))
 
 
 def _window_starts(length: int, crop: int, stride: int) -> list[int]:

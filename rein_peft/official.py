@@ -31,6 +31,7 @@ from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
 from .config import ReinConfig
+from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
 from .pyramid import OFFICIAL_FEATURE_SCALES, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
 # DINOv2-L at patch 16 on 512x512 crops: the official backbone (`_base_/models/rein_dinov2_mask2former.py`)

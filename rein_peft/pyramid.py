@@ -209,7 +209,10 @@ def resize_patch_embedding(
             f"image_size must be a positive multiple of patch_size, got image_size={image_size}, "
             f"patch_size={patch_size} (the official system: patch_size=16, image_size=512)."
         )
+    # DINOv2's embeddings modules (with or without registers): patch embedding and position table side by side
     embeddings = [module for module in model.modules() if hasattr(module, "patch_embeddings")]
+    if not embeddings or not all(isinstance(module.position_embeddings, nn.Parameter) for module in embeddings):
+        raise ValueError(f"{type(model).__name__} has no DINOv2 embeddings with a position table to resize.")
     for module in embeddings:
         _resize_embeddings(module, patch_size, image_size // patch_size)
     config.patch_size, config.image_size = patch_size, image_size

@@ -16,7 +16,7 @@ from torch import nn
 
 import rein_peft
 from rein_peft import Dinov2PyramidBackbone, Dinov2PyramidConfig, build_official_segmenter, official_segmenter_config
-from rein_peft.official import HEAD_MODULES, apply_method
+from rein_peft.official import HEAD_MODULES, apply_method, mask_targets, semantic_logits
 
 # the scaled-down copy: 6 layers (pyramid from layers 2, 3, 4, 6), width 32, patch 8 on 64x64 images
 TINY_BACKBONE = {
@@ -146,6 +146,42 @@ def test_scaled_down_config_keeps_the_geometry_and_the_pyramid(tiny_checkpoint):
     assert [tuple(feature.shape[-2:]) for feature in maps] == [(32, 32), (16, 16), (8, 8), (4, 4)]
     assert outputs.masks_queries_logits.shape == (2, 6, 32, 32)  # masks at stride 2 here, 4 at full size
     assert outputs.class_queries_logits.shape == (2, 6, NUM_LABELS + 1)
+
+
+def test_pyramid_levels_are_the_refined_outputs_of_the_official_layers(tiny_checkpoint):
+    """Levels k = the Rein-refined output of layers 2, 3, 4, 6 of 6 (7, 11, 15, 23 of 24, 0-based), patch tokens as
+    maps, resized by x4, x2, x1, x0.5."""
+    model = _build(tiny_checkpoint, "rein").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".rein_" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(9)) * 0.1)
+    backbone = model.get_base_model().get_submodule(BACKBONE)
+    images, grid = pixels(1, seed=10, side=SIDE), SIDE // TINY_BACKBONE["patch_size"]
+    with torch.no_grad():
+        output = backbone(pixel_values=images, output_hidden_states=True)
+    for feature, layer, scale in zip(output.feature_maps, [2, 3, 4, 6], [4, 2, 1, 0.5], strict=True):
+        tokens = output.hidden_states[layer][:, 1:]  # hidden_states[k]: the output of layer k (1-based), refined
+        expected = tokens.transpose(1, 2).reshape(1, -1, grid, grid)
+        if scale != 1:
+            expected = nn.functional.interpolate(expected, scale_factor=scale, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(feature, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_targets_and_semantic_logits():
+    label_maps = torch.tensor([[[0, 2], [255, 2]], [[1, 1], [1, 255]]])
+    targets = mask_targets(label_maps, ignore_index=255)
+    assert [classes.tolist() for classes in targets["class_labels"]] == [[0, 2], [1]]
+    torch.testing.assert_close(targets["mask_labels"][0], torch.tensor([[[1.0, 0], [0, 0]], [[0, 1], [0, 1]]]))
+    torch.testing.assert_close(targets["mask_labels"][1], torch.tensor([[[1.0, 1], [1, 0]]]))
+    class_logits, mask_logits = torch.randn(2, 5, 4), torch.randn(2, 5, 3, 3)  # 3 classes + no object, 5 queries
+    outputs = tf.models.mask2former.modeling_mask2former.Mask2FormerForUniversalSegmentationOutput(
+        class_queries_logits=class_logits, masks_queries_logits=mask_logits
+    )
+    expected = torch.zeros(2, 3, 3, 3)
+    for query in range(5):  # the official inference: class probabilities (no object dropped) times sigmoid masks
+        expected += class_logits.softmax(-1)[:, query, :3, None, None] * mask_logits[:, query, None].sigmoid()
+    torch.testing.assert_close(semantic_logits(outputs), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["rein", "frozen", "full", "lora"])
