@@ -54,7 +54,6 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 import transformers
@@ -62,7 +61,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image, ImageFilter
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     BitImageProcessorPil,
     Dinov2Backbone,
@@ -76,10 +74,10 @@ from transformers import (
 )
 
 import rein_peft
-from rein_peft.official import BACKBONE_MODULE, HEAD_MODULES, apply_method, mask_targets, semantic_logits
+from rein_peft import protocol
+from rein_peft.official import BACKBONE_MODULE, HEAD_MODULES, apply_method, mask_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN_IOU = os.path.join(REPO, "examples", "metrics", "mean_iou.py")
 CLASS_NAMES = ("sky", "building", "road", "vegetation", "vehicle")
 SKY, BUILDING, ROAD, VEGETATION, VEHICLE = range(len(CLASS_NAMES))
 
@@ -465,19 +463,9 @@ def user_task(args: argparse.Namespace) -> Task:
 
 
 def pixel_batches(dataset: datasets.Dataset, processor, side: int, config: UperNetConfig) -> datasets.Dataset:
-    """The dataset read as model inputs: images resized to `side` and normalised by the backbone's processor, label
-    maps resized with nearest neighbour (which keeps them class ids) and checked against the classes."""
-
-    def transform(batch: dict) -> dict:
-        images = [image.convert("RGB").resize((side, side), Image.BILINEAR) for image in batch["image"]]
-        pixel_values = processor(images=images, do_resize=False, do_center_crop=False, return_tensors="pt")
-        labels = torch.from_numpy(
-            np.stack([np.asarray(label.resize((side, side), Image.NEAREST)) for label in batch["label"]])
-        ).long()
-        rein_peft.check_label_maps(labels, config)
-        return {"pixel_values": pixel_values["pixel_values"], "labels": labels}
-
-    return dataset.with_transform(transform)
+    """The dataset read as model inputs (`rein_peft.protocol.resize_transform`): images resized to `side` and
+    normalised by the backbone's processor, label maps resized with nearest neighbour and checked."""
+    return dataset.with_transform(protocol.resize_transform(processor, side, config))
 
 
 def segmenter_config(
@@ -495,21 +483,9 @@ def segmenter_config(
         scaled_down = {**MINIATURE_OFFICIAL_DECODER, **widths} if miniature else {}
         labels = {"id2label": dict(enumerate(task.class_names))} if task.class_names else {}
         return rein_peft.official_segmenter_config(backbone_path, task.num_labels, **labels, **scaled_down)
-    num_layers = AutoConfig.from_pretrained(backbone_path).num_hidden_layers
-    layers = sorted({max(1, round(num_layers * (index + 1) / 4)) for index in range(4)})
-    backbone_config = Dinov2Config.from_pretrained(
-        backbone_path,
-        out_features=[f"stage{layer}" for layer in layers],
-        apply_layernorm=False,
-        reshape_hidden_states=True,
-    )
-    return UperNetConfig(
-        backbone_config=backbone_config,
-        hidden_size=decoder_channels,
-        pool_scales=[1, 2, 4],
-        use_auxiliary_head=False,
-        num_labels=task.num_labels,
-        id2label=dict(enumerate(task.class_names)),
+    backbone_config = protocol.dinov2_backbone_config(backbone_path)
+    return protocol.segmenter_config(
+        "upernet", backbone_config, task.num_labels, task.class_names, hidden_size=decoder_channels
     )
 
 
@@ -550,16 +526,10 @@ def prepare(model: UperNetForSemanticSegmentation, method: str, seed: int) -> nn
 def optimizer_for(model: nn.Module, method: str, args: argparse.Namespace) -> torch.optim.AdamW:
     """Rein's optimiser recipe (AdamW, no decay on tokens, scales, biases and norms) for every method; full
     fine-tuning gives the pretrained backbone `args.backbone_lr_multiplier` times the learning rate."""
-    groups = rein_peft.rein_parameter_groups(model, args.weight_decay)
-    if method == "full":
-        backbone = {id(param) for param in backbone_of(model).parameters()}
-        groups = [
-            {**group, "params": params, "lr": args.lr * (args.backbone_lr_multiplier if in_backbone else 1.0)}
-            for group in groups
-            for in_backbone in (True, False)
-            if (params := [param for param in group["params"] if (id(param) in backbone) == in_backbone])
-        ]
-    return torch.optim.AdamW(groups, lr=args.lr)
+    backbone = backbone_of(model) if method == "full" else None
+    return protocol.official_optimizer(
+        model, args.lr, args.weight_decay, backbone=backbone, backbone_lr_multiplier=args.backbone_lr_multiplier
+    )
 
 
 def train(model: nn.Module, method: str, data: datasets.Dataset, args: argparse.Namespace, seed: int) -> float:
@@ -600,21 +570,6 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def mean_iou(model: nn.Module, data: datasets.Dataset, device: str, batch_size: int = 50) -> float:
-    model.eval()
-    metric = evaluate.load(MEAN_IOU)
-    for start in range(0, len(data), batch_size):
-        batch = data[start : start + batch_size]
-        logits = semantic_logits(model(pixel_values=batch["pixel_values"].to(device)))  # [B, K, h, w]
-        labels = batch["labels"]
-        logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear")
-        metric.add_batch(predictions=logits.argmax(1).cpu().numpy(), references=labels.numpy())
-    config = model.config  # the segmenter's (a PeftModel hands over its base model's)
-    ignore_index = rein_peft.segmentation_ignore_index(config)
-    return float(metric.compute(num_labels=config.num_labels, ignore_index=ignore_index)["mean_iou"])
-
-
-@torch.no_grad()
 def feature_similarity(
     model: nn.Module, source: datasets.Dataset, target: datasets.Dataset, device: str, batch_size: int = 50
 ) -> float:
@@ -649,8 +604,10 @@ def run_one(
     trainable = {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}
     decoder = HEAD_MODULES if isinstance(config, Mask2FormerConfig) else [DECODER]
     seconds = train(model, method, data["train"], args, seed)
-    source = mean_iou(model, data["source"], args.device)
-    targets = {name: mean_iou(model, split, args.device) for name, split in data["targets"].items()}
+    source = protocol.dataset_mean_iou(model, data["source"], device=args.device)
+    targets = {
+        name: protocol.dataset_mean_iou(model, split, device=args.device) for name, split in data["targets"].items()
+    }
     similarity = {}
     if task.paired:
         for name, split in data["targets"].items():

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
@@ -39,26 +38,19 @@ from transformers import (
     DINOv3ConvNextConfig,
     DINOv3ConvNextModel,
     HfArgumentParser,
-    Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
     PretrainedConfig,
     Trainer,
     TrainerCallback,
     TrainingArguments,
-    UperNetConfig,
     UperNetForSemanticSegmentation,
 )
 
 import rein_peft
+from rein_peft import protocol
+from rein_peft.protocol import BACKBONE_MODULE, DECODER_MODULES
 
 DEFAULT_IMAGE_SIZE = 224  # for a checkpoint, unless --image_size says otherwise
-MEAN_IOU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "mean_iou.py")
-# the decoder trained beside the frozen backbone, and where the backbone sits in each model
-DECODER_MODULES = {
-    "upernet": ["decode_head"],
-    "mask2former": ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"],
-}
-BACKBONE_MODULE = {"upernet": "backbone", "mask2former": "model.pixel_level_module.encoder"}
 EMBEDDED_DEFAULTS = {
     "output_dir": "rein-semantic-segmentation",
     "num_train_epochs": 6,
@@ -115,18 +107,8 @@ class ScriptArguments:
     )
 
 
-# the Mask2Former trained over the embedded backbone, and the official one's sizes scaled down to it
-SMALL_MASK2FORMER = {
-    "hidden_dim": 64,
-    "mask_feature_size": 64,
-    "feature_size": 64,
-    "encoder_layers": 2,
-    "decoder_layers": 3,
-    "dim_feedforward": 128,
-    "encoder_feedforward_dim": 128,
-    "num_attention_heads": 4,
-}
-EMBEDDED_OFFICIAL_DECODER = {**SMALL_MASK2FORMER, "num_queries": 16, "train_num_points": 1024}
+# the official decoder's sizes scaled down to the embedded backbone, as the small Mask2Former below
+EMBEDDED_OFFICIAL_DECODER = {**protocol.mask2former_sizes(64), "num_queries": 16, "train_num_points": 1024}
 
 # --- the embedded default: a tiny DINOv2 and scenes whose labels need more than one patch --------------------------
 
@@ -220,16 +202,7 @@ def preprocess(
 ) -> datasets.DatasetDict:
     """Images of any size: resized to `side` x `side` and normalised by the checkpoint's processor; label maps resized
     with nearest neighbour, which keeps them class ids, and checked against the model's classes and ignore index."""
-
-    def to_tensors(batch: dict) -> dict:
-        images = [image.convert("RGB").resize((side, side), Image.BILINEAR) for image in batch[script.image_column]]
-        pixel_values = processor(images=images, do_resize=False, do_center_crop=False, return_tensors="np")
-        labels = np.stack(
-            [np.asarray(label.resize((side, side), Image.NEAREST)) for label in batch[script.label_column]]
-        )
-        rein_peft.check_label_maps(torch.from_numpy(labels.astype(np.int64)), model_config)
-        return {"pixel_values": pixel_values["pixel_values"], "labels": labels.astype(np.int64)}
-
+    to_tensors = protocol.resize_transform(processor, side, model_config, script.image_column, script.label_column)
     try:
         processed = splits.map(to_tensors, batched=True, remove_columns=splits["train"].column_names)
     except ValueError as error:  # label maps that disagree with the model
@@ -237,61 +210,29 @@ def preprocess(
     return processed.with_format("torch")
 
 
-def make_collator(model_config: PretrainedConfig, decoder: str):
-    """Stack a batch; Mask2Former takes one binary mask per class present instead of the label maps."""
-    ignore_index = rein_peft.segmentation_ignore_index(model_config)
-
-    def collate(examples: list[dict]) -> dict:
-        pixel_values = torch.stack([example["pixel_values"] for example in examples])
-        labels = torch.stack([example["labels"] for example in examples])
-        if decoder == "upernet":
-            return {"pixel_values": pixel_values, "labels": labels}
-        classes = [label_map[label_map != ignore_index].unique() for label_map in labels]
-        masks = [
-            (label_map[None] == present[:, None, None]).float()
-            for label_map, present in zip(labels, classes, strict=True)
-        ]
-        return {"pixel_values": pixel_values, "mask_labels": masks, "class_labels": classes}
-
-    return collate
-
-
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
-def backbone_kwargs(script: ScriptArguments, backbone_path: str) -> dict:
-    """How the backbone hands features to the decoder: a `Dinov2Backbone` the refined outputs of 4 layers, without
-    final norm; a staged backbone (ConvNeXt) every stage's."""
-    backbone_config = AutoConfig.from_pretrained(backbone_path)
-    if hasattr(backbone_config, "depths"):  # staged
-        return {"out_features": backbone_config.stage_names[1:]}
-    num_layers = backbone_config.num_hidden_layers
-    out_indices = script.out_indices or [round(num_layers * (index + 1) / 4) for index in range(4)]
-    return {
-        "out_features": [f"stage{index}" for index in out_indices],  # stage k: the output of layer k (1-based)
-        "apply_layernorm": False,  # the official features: no final norm
-        "reshape_hidden_states": True,
-    }
+def backbone_config(script: ScriptArguments, backbone_path: str) -> PretrainedConfig:
+    """The backbone's config, shaped like the checkpoint: a staged backbone (ConvNeXt, DINOv3 ConvNeXt) hands the
+    decoder every stage's output, a `Dinov2Backbone` the refined outputs of `--out_indices`."""
+    config = AutoConfig.from_pretrained(backbone_path)
+    if hasattr(config, "depths"):  # staged
+        return AutoConfig.from_pretrained(backbone_path, out_features=config.stage_names[1:])
+    return protocol.dinov2_backbone_config(backbone_path, script.out_indices)
 
 
 def segmenter_config(script: ScriptArguments, backbone_path: str, num_labels: int) -> PretrainedConfig:
     """The config of the decoder over a backbone shaped like the checkpoint."""
     names = CLASS_NAMES if script.dataset_name is None else [f"class {index}" for index in range(num_labels)]
-    labels = {"num_labels": num_labels, "id2label": dict(enumerate(names))}
     if script.official_segmenter:  # the official decoder; scaled down like the one below for the embedded backbone
         scaled_down = EMBEDDED_OFFICIAL_DECODER if script.backbone_name_or_path is None else {}
-        return rein_peft.official_segmenter_config(backbone_path, **labels, **scaled_down)
-    backbone_config = AutoConfig.from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
-    if script.decoder == "upernet":
-        return UperNetConfig(
-            backbone_config=backbone_config, hidden_size=64, pool_scales=[1, 2, 4], use_auxiliary_head=False, **labels
+        return rein_peft.official_segmenter_config(
+            backbone_path, num_labels=num_labels, id2label=dict(enumerate(names)), **scaled_down
         )
-    return Mask2FormerConfig(
-        backbone_config=backbone_config,
-        num_queries=script.num_queries,
-        **SMALL_MASK2FORMER,
-        common_stride=4,
-        **labels,
+    backbone = backbone_config(script, backbone_path)
+    return protocol.segmenter_config(
+        script.decoder, backbone, num_labels, names, hidden_size=64, num_queries=script.num_queries
     )
 
 
@@ -306,35 +247,9 @@ def load_segmenter(script: ScriptArguments, config: PretrainedConfig, backbone_p
     model = model_class(config)
     backbone_module = model.get_submodule(BACKBONE_MODULE[script.decoder])
     # the backbone class the decoder built (Dinov2Backbone, ConvNextBackbone, ...), loaded from the checkpoint
-    backbone = type(backbone_module).from_pretrained(backbone_path, **backbone_kwargs(script, backbone_path))
+    backbone = type(backbone_module).from_pretrained(backbone_path, config=config.backbone_config)
     backbone_module.load_state_dict(backbone.state_dict())
     return model
-
-
-@torch.no_grad()
-def semantic_maps(model: nn.Module, pixel_values: torch.Tensor, side: int) -> torch.Tensor:
-    """Per-pixel class ids `[B, side, side]` from either decoder's outputs."""
-    outputs = model(pixel_values=pixel_values)
-    if hasattr(outputs, "masks_queries_logits"):
-        class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K], without the "no object" class
-        mask_probs = outputs.masks_queries_logits.sigmoid()  # [B, Q, h, w]
-        logits = torch.einsum("bqk,bqhw->bkhw", class_probs, mask_probs)
-    else:
-        logits = outputs.logits
-    return nn.functional.interpolate(logits, size=(side, side), mode="bilinear").argmax(1)
-
-
-def mean_iou(model: nn.Module, dataset: datasets.Dataset, side: int, batch_size: int = 64) -> float:
-    model.eval()
-    metric = evaluate.load(MEAN_IOU)
-    for start in range(0, len(dataset), batch_size):
-        batch = dataset[start : start + batch_size]
-        predictions = semantic_maps(model, batch["pixel_values"], side)
-        metric.add_batch(predictions=predictions.numpy(), references=batch["labels"].numpy())
-    config = model.config
-    return metric.compute(num_labels=config.num_labels, ignore_index=rein_peft.segmentation_ignore_index(config))[
-        "mean_iou"
-    ]
 
 
 def train(model: nn.Module, training: TrainingArguments, data, collator, callbacks) -> Trainer:
@@ -378,7 +293,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     official_side = model_config.backbone_config.image_size if script.official_segmenter else DEFAULT_IMAGE_SIZE
     side = script.image_size or (GRID * PATCH if script.backbone_name_or_path is None else official_side)
     data = preprocess(splits, processor, side, model_config, script)
-    collator = make_collator(model_config, script.decoder)
+    collator = protocol.segmentation_collator(model_config)
     modules_to_save = DECODER_MODULES[script.decoder]
 
     def load_model() -> nn.Module:
@@ -392,7 +307,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         baseline_args = TrainingArguments(**{**training.to_dict(), "output_dir": training.output_dir + "/frozen-head"})
         baseline_args.save_strategy = "no"
         train(baseline, baseline_args, data, collator, callbacks)
-        results["frozen_head_miou"] = mean_iou(baseline, data["validation"], side)
+        results["frozen_head_miou"] = protocol.dataset_mean_iou(baseline, data["validation"])
 
     base = load_model()
     linked = (rein.link_token_to_query and script.decoder == "mask2former") or script.official_segmenter
@@ -407,9 +322,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     except ValueError as error:  # ReinUnsupportedModelError, a decoder that does not fit the linked queries, ...
         fail(str(error))
     model.print_trainable_parameters()
-    results["miou_before"] = mean_iou(model, data["validation"], side)
+    results["miou_before"] = protocol.dataset_mean_iou(model, data["validation"])
     trainer = train(model, training, data, collator, callbacks)
-    results["miou_after"] = mean_iou(model, data["validation"], side)
+    results["miou_after"] = protocol.dataset_mean_iou(model, data["validation"])
 
     adapter_dir = os.path.join(training.output_dir, "adapter")
     trainer.save_model(adapter_dir)  # adapter and decoder only, written by the main process
@@ -418,7 +333,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         hub_model_id = training.hub_model_id or os.path.basename(os.path.abspath(training.output_dir))
         results["hub_commit"] = model.push_to_hub(hub_model_id, token=training.hub_token).oid
     reloaded = PeftModel.from_pretrained(load_model(), adapter_dir)
-    results["miou_reloaded"] = mean_iou(reloaded, data["validation"], side)
+    results["miou_reloaded"] = protocol.dataset_mean_iou(reloaded, data["validation"])
     results["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
     results["adapter_mb"] = folder_size_mb(adapter_dir, "adapter_model.safetensors")
     results["seconds"] = time.perf_counter() - start

@@ -9,7 +9,9 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 
 from .config import ReinConfig, ReinPeftType
 from .convert import OfficialCheckpointError, convert_official_checkpoint, map_official_checkpoint
+from .dg_data import load_dg_dataset
 from .discovery import ReinUnsupportedModelError
+from .evaluation import slide_inference
 from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
@@ -56,11 +58,13 @@ __all__ = [
     "gather_adapter_state_dict",
     "get_queries",
     "is_backbone_linear",
+    "load_dg_dataset",
     "map_official_checkpoint",
     "official_segmenter_config",
     "register",
     "rein_parameter_groups",
     "resize_patch_embedding",
     "segmentation_ignore_index",
+    "slide_inference",
     "unchanged_on_failure",
 ]

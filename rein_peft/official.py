@@ -29,9 +29,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-from transformers.utils import ModelOutput
 
 from .config import ReinConfig
+from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
 from .pyramid import OFFICIAL_FEATURE_SCALES, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
 # DINOv2-L at patch 16 on 512x512 crops: the official backbone (`_base_/models/rein_dinov2_mask2former.py`)
@@ -264,14 +264,3 @@ def mask_targets(label_maps: torch.Tensor, ignore_index: int) -> dict[str, list[
         for label_map, present in zip(label_maps, classes, strict=True)
     ]
     return {"mask_labels": masks, "class_labels": classes}
-
-
-def semantic_logits(outputs: ModelOutput) -> torch.Tensor:
-    """Per-class scores `[B, K, h, w]` from a segmenter's outputs: `logits` where it has them (UperNet), else
-    Mask2Former's queries combined as the official head does at inference: the softmax over classes (without the
-    no-object class) times each query's sigmoid mask, summed over queries."""
-    if getattr(outputs, "logits", None) is not None:
-        return outputs.logits
-    class_probs = outputs.class_queries_logits.softmax(-1)[..., :-1]  # [B, Q, K]
-    mask_probs = outputs.masks_queries_logits.sigmoid()  # [B, Q, h, w]
-    return torch.einsum("bqk,bqhw->bkhw", class_probs, mask_probs)

@@ -1,0 +1,69 @@
+"""examples/reproduce_domain_generalization.py: the offline default end to end (fake data sets in their real layouts,
+a tiny backbone, both methods through Trainer, sliding-window evaluation, the table, JSON and pictures), in a quicker
+mode than the default's; and the command line's errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from rein_peft import dg_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import reproduce_domain_generalization as reproduce  # noqa: E402
+
+QUICK = ["--max_steps", "2", "--max_eval_images", "2", "--num_pictures", "2"]
+
+
+def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
+    result = reproduce.main(["--output_dir", str(tmp_path), *QUICK])
+    assert result["offline"] and result["source_names"] == ["gta"]
+    assert result["target_names"] == ["cityscapes", "bdd100k", "mapillary"]
+    # the official test sizes divided by 8
+    assert result["test_sizes"] == {"cityscapes": (128, 64), "bdd100k": (160, 90), "mapillary": (128, 64)}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["methods"]) == ["frozen", "rein"]
+    for method, row in saved["methods"].items():
+        assert row["train_seconds"] > 0 and row["trainable_parameters"] > 0
+        for name in result["target_names"]:
+            target = row["targets"][name]
+            assert 0 <= target["mean_iou"] <= 1 and target["num_images"] == 2
+            assert list(target["per_category_iou"]) == list(dg_data.CITYSCAPES_CLASSES)
+            ious = [value for value in target["per_category_iou"].values() if value is not None]
+            assert target["mean_iou"] == pytest.approx(statistics.fmean(ious))
+            picture = Image.open(tmp_path / f"predictions_{method}_{name}.png")
+            assert picture.height > 2 * 256  # two rows: image, label and prediction side by side
+        assert row["mean_miou"] == pytest.approx(
+            statistics.fmean(row["targets"][n]["mean_iou"] for n in result["target_names"])
+        )
+    assert saved["methods"]["rein"]["trainable_parameters"] > saved["methods"]["frozen"]["trainable_parameters"]
+    assert (tmp_path / "rein" / "final" / "adapter_model.safetensors").is_file()  # the adapter and the head
+    table = (tmp_path / "results.md").read_text()
+    assert "| rein |" in table and "(66.4, paper; 66.7 official README)" in table and "(56.1, paper)" in table
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--source", "gtav=x", "--target", "cityscapes=y", "--backbone", "b"], "--source takes NAME=PATH"),
+        (["--source", "gta=x", "--backbone", "b"], "--target NAME=PATH is needed"),
+        (["--source", "gta=x", "--target", "cityscapes=y"], "--backbone is needed"),
+        (["--methods", "adapter"], "--methods takes"),
+    ],
+)
+def test_command_line_errors_say_what_to_do(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["--output_dir", str(tmp_path), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_data_set_folder_stops_with_its_name(tmp_path, capsys):
+    flags = ["--source", f"gta={tmp_path / 'nowhere'}", "--target", "cityscapes=y", "--backbone", "b"]
+    with pytest.raises(SystemExit):
+        reproduce.main(["--output_dir", str(tmp_path / "out"), *flags])
+    assert f"gta: no folder '{tmp_path / 'nowhere'}'" in capsys.readouterr().err
