@@ -198,6 +198,25 @@ def family(request) -> Family:
     return FAMILIES[request.param]
 
 
+def tiny_mask2former_config(backbone_config: tf.PretrainedConfig, num_queries: int, query_width: int = 32):
+    """A Mask2Former config small enough for the tests over `backbone_config` (its GroupNorms need widths of 32k)."""
+    return tf.Mask2FormerConfig(
+        backbone_config=backbone_config,
+        num_labels=LABELS,
+        num_queries=num_queries,
+        hidden_dim=query_width,
+        mask_feature_size=query_width,
+        feature_size=query_width,
+        encoder_layers=1,
+        decoder_layers=2,
+        dim_feedforward=32,
+        encoder_feedforward_dim=32,
+        num_attention_heads=2,
+        common_stride=4,
+        train_num_points=64,
+    )
+
+
 def tiny_upernet() -> torch.nn.Module:
     """A tiny UperNet segmentation model over a DINOv2 backbone (features of both layers, as feature maps)."""
     backbone = tf.Dinov2Config(**SIZES, out_features=["stage1", "stage2"], reshape_hidden_states=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from conftest import assert_same_numbers, pixels, randomize_adapter
+from conftest import assert_same_numbers, pixels, randomize_adapter, tiny_mask2former_config
 from peft import PeftModel, get_peft_model
 from reference import ReferenceRein, official_tensors
 from safetensors.torch import load_file
@@ -514,21 +514,7 @@ M2F_BACKBONES = {
 
 
 def _mask2former(backbone_config: tf.PretrainedConfig) -> nn.Module:
-    config = tf.Mask2FormerConfig(
-        backbone_config=backbone_config,
-        num_labels=LABELS,
-        num_queries=QUERIES,
-        hidden_dim=QUERY_WIDTH,
-        mask_feature_size=QUERY_WIDTH,
-        feature_size=QUERY_WIDTH,
-        encoder_layers=1,
-        decoder_layers=2,
-        dim_feedforward=32,
-        encoder_feedforward_dim=32,
-        num_attention_heads=2,
-        common_stride=4,
-        train_num_points=64,
-    )
+    config = tiny_mask2former_config(backbone_config, QUERIES, QUERY_WIDTH)
     torch.manual_seed(0)
     return tf.Mask2FormerForUniversalSegmentation(config).eval()
 

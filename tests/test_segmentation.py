@@ -9,7 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from conftest import HIDDEN, IMAGE, LABELS, PATCH, SIZES, assert_same_numbers, pixels, randomize_adapter, tiny_upernet
+from conftest import (
+    HIDDEN,
+    IMAGE,
+    LABELS,
+    PATCH,
+    SIZES,
+    assert_same_numbers,
+    pixels,
+    randomize_adapter,
+    tiny_mask2former_config,
+    tiny_upernet,
+)
 from peft import PeftModel, get_peft_model
 from reference import ReferenceRein, official_tensors
 from torch import nn
@@ -65,21 +76,7 @@ def tiny_dpt_depth() -> nn.Module:
 
 
 def tiny_mask2former(num_layers: int = 4, out_features: tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4")):
-    config = tf.Mask2FormerConfig(
-        backbone_config=_dinov2_backbone(num_layers, out_features),
-        num_labels=LABELS,
-        num_queries=QUERIES,
-        hidden_dim=QUERY_WIDTH,
-        mask_feature_size=QUERY_WIDTH,
-        feature_size=QUERY_WIDTH,
-        encoder_layers=1,
-        decoder_layers=2,
-        dim_feedforward=32,
-        encoder_feedforward_dim=32,
-        num_attention_heads=2,
-        common_stride=4,
-        train_num_points=64,
-    )
+    config = tiny_mask2former_config(_dinov2_backbone(num_layers, out_features), QUERIES, QUERY_WIDTH)
     return tf.Mask2FormerForUniversalSegmentation(config)
 
 
