@@ -127,26 +127,25 @@ def _sam(hidden: int, image_size: int) -> nn.Module:
     return tf.SamVisionModel(config).eval()
 
 
+def _vitdet() -> nn.Module:
+    """VitDet with 8 channels on an 8x8 patch grid: its layers take and give channels-first maps."""
+    config = tf.VitDetConfig(
+        hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8,
+        pretrain_image_size=64,
+    )  # fmt: skip
+    return tf.VitDetModel(config)
+
+
 # Channels-first layer outputs, at sizes where the width equals the grid's height and width (8 channels on an 8x8
 # grid), so that only knowing the layout, not the shapes, can refuse them
 CHANNELS_FIRST_MODELS = {
     "vitdet": (
-        lambda: tf.VitDetModel(
-            tf.VitDetConfig(
-                hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8,
-                pretrain_image_size=64,
-            )  # fmt: skip
-        ),
+        _vitdet,
         {},
         "VitDetModel feed its encoder layers channels-first feature maps",
     ),
     "vitdet_layers_named": (
-        lambda: tf.VitDetModel(
-            tf.VitDetConfig(
-                hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8,
-                pretrain_image_size=64,
-            )  # fmt: skip
-        ),
+        _vitdet,
         {"target_modules": r"encoder\.layer\.\d+"},
         "channels-first feature maps",
     ),
