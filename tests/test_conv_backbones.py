@@ -360,7 +360,8 @@ def test_unload_gives_back_the_base_model_bit_for_bit():
     assert not any(isinstance(module, ReinLayer) for module in unloaded.modules())
     assert unloaded.state_dict().keys() == original.keys()
     assert all(torch.equal(unloaded.state_dict()[name], tensor) for name, tensor in original.items())
-    assert torch.equal(after, before)  # the very same modules and kernels
+    # a second forward of the same model: equal within float32 rounding (MKL's results depend on memory alignment)
+    assert_same_numbers(after, before)
 
 
 def test_an_adapter_saved_on_the_bare_backbone_loads_into_its_classifier(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import HEADS, MLP, pixels
+from conftest import HEADS, MLP, assert_same_numbers, pixels
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
@@ -165,7 +165,7 @@ def test_pyramid_levels_are_the_refined_outputs_of_the_official_layers(tiny_chec
         expected = tokens.transpose(1, 2).reshape(1, -1, grid, grid)
         if scale != 1:
             expected = nn.functional.interpolate(expected, scale_factor=scale, mode="bilinear", align_corners=False)
-        torch.testing.assert_close(feature, expected, rtol=1e-5, atol=1e-6)
+        assert_same_numbers(feature, expected)
 
 
 def test_mask_targets_and_semantic_logits():
@@ -181,7 +181,7 @@ def test_mask_targets_and_semantic_logits():
     expected = torch.zeros(2, 3, 3, 3)
     for query in range(5):  # the official inference: class probabilities (no object dropped) times sigmoid masks
         expected += class_logits.softmax(-1)[:, query, :3, None, None] * mask_logits[:, query, None].sigmoid()
-    torch.testing.assert_close(semantic_logits(outputs), expected, rtol=1e-5, atol=1e-6)
+    assert_same_numbers(semantic_logits(outputs), expected)
 
 
 @pytest.mark.parametrize("method", ["rein", "frozen", "full", "lora"])
