@@ -198,8 +198,11 @@ def family(request) -> Family:
     return FAMILIES[request.param]
 
 
-def tiny_mask2former_config(backbone_config: tf.PretrainedConfig, num_queries: int, query_width: int = 32):
-    """A Mask2Former config small enough for the tests over `backbone_config` (its GroupNorms need widths of 32k)."""
+def tiny_mask2former_config(
+    backbone_config: tf.PretrainedConfig, num_queries: int, query_width: int = 32, **overrides
+) -> tf.Mask2FormerConfig:
+    """A Mask2Former config small enough for the tests over `backbone_config` (its GroupNorms need widths of 32k);
+    `overrides` set other fields."""
     return tf.Mask2FormerConfig(
         backbone_config=backbone_config,
         num_labels=LABELS,
@@ -212,8 +215,7 @@ def tiny_mask2former_config(backbone_config: tf.PretrainedConfig, num_queries: i
         dim_feedforward=32,
         encoder_feedforward_dim=32,
         num_attention_heads=2,
-        common_stride=4,
-        train_num_points=64,
+        **{"common_stride": 4, "train_num_points": 64, **overrides},
     )
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import peft
 import torch
 import transformers as tf
+from conftest import IMAGE, LABELS
+from conftest import SIZES as TINY_SIZES
 
 # where the downloaded sdist is kept between runs, so that a rerun does not download it again
 SDIST_CACHE = Path.home() / ".cache" / "rein_peft"
@@ -98,16 +100,8 @@ def import_peft_tests(cache_root: Path, extract_to: Path) -> tuple[types.ModuleT
 
 # --- the tiny models PEFT's test methods load ------------------------------------------------------------------------
 
-HIDDEN, LAYERS, HEADS, MLP, IMAGE, PATCH, LABELS, BATCH = 32, 2, 2, 64, 32, 8, 3, 4
-SIZES = {
-    "hidden_size": HIDDEN,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS,
-    "intermediate_size": MLP,
-    "image_size": IMAGE,
-    "patch_size": PATCH,
-    "num_labels": LABELS,
-}
+BATCH = 4
+SIZES = {**TINY_SIZES, "num_labels": LABELS}  # the tests' tiny ViT sizes, as classifiers
 
 
 class LogitsOutput:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from conftest import HEADS, HIDDEN, MLP, assert_same_numbers, pixels, randomize_adapter
+from conftest import HEADS, HIDDEN, MLP, assert_same_numbers, pixels, randomize_adapter, tiny_mask2former_config
 from peft import get_peft_model
 
 import rein_peft
@@ -219,21 +219,8 @@ def test_auto_classes_and_segmentation_configs_build_and_reload_the_pyramid(tmp_
     upernet_config = tf.UperNetConfig(
         backbone_config=config, num_labels=3, hidden_size=16, pool_scales=[1, 2], use_auxiliary_head=False
     )
-    mask2former_config = tf.Mask2FormerConfig(
-        backbone_config=config,
-        num_labels=3,
-        num_queries=6,
-        hidden_dim=32,
-        mask_feature_size=32,
-        feature_size=32,
-        encoder_layers=1,
-        decoder_layers=2,
-        dim_feedforward=32,
-        encoder_feedforward_dim=32,
-        num_attention_heads=2,
-        feature_strides=[2, 4, 8, 16],
-        common_stride=2,
-    )
+    # the pyramid's strides at patch 8: 2, 4, 8, 16
+    mask2former_config = tiny_mask2former_config(config, num_queries=6, feature_strides=[2, 4, 8, 16], common_stride=2)
     images = pixels(1, seed=6)
     for model_class, model_config, backbone in [
         (tf.UperNetForSemanticSegmentation, upernet_config, "backbone"),
