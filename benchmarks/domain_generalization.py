@@ -18,11 +18,19 @@ downloaded here, so this script builds a faithful miniature and runs the same pr
    the mean over targets, trainable parameters and train time, over 3 seeds (mean and standard deviation), and,
    since every target style redraws the source's held-out scenes, how similar the features the decoder reads are
    for the same scene in the source and in a target style.
-4. Writes a JSON of every number, a PNG chart and a picture of the styles (matplotlib, from the `bench` extra).
+   mIoU and per-class IoU come from `rein_peft.evaluation.evaluate_segmentation` (the protocol's sliding window),
+   and the first seed's predictions of a few scenes per split are drawn in a picture.
+4. Before any method is compared, Rein's premise is checked and printed: for each unseen style, the cosine
+   similarity of the frozen foundation's deepest features for the same scenes in the source and that style (the
+   gate: at least 0.8 for every style), and, against collapse, the frozen backbone + decoder's source mIoU (at least
+   85). The frozen method runs first; its first seed is that check.
+5. Writes a JSON of every number (with `"premise"` and `"premise_gate"`, and the premise during pretraining), a PNG
+   chart, a picture of the predictions and one of the styles (matplotlib, from the `bench` extra).
 
     python benchmarks/domain_generalization.py            # the miniature: about 30 minutes on 2 CPU cores
     python benchmarks/domain_generalization.py --quick    # a smoke run of the pipeline (seconds; numbers mean nothing)
     python benchmarks/domain_generalization.py --foundation mae+invariance   # a style-invariant foundation (below)
+    python benchmarks/domain_generalization.py --foundation vicreg   # the foundation that has Rein's premise (below)
     python benchmarks/domain_generalization.py --segmenter official   # the official Rein segmenter (Mask2Former)
     python benchmarks/domain_generalization.py --backbone facebook/dinov2-small --device cuda \\
         --image_size 224 --source ./gtav --target cityscapes=./cityscapes --target bdd=./bdd100k --num_labels 19
@@ -36,6 +44,10 @@ dataset) is evaluated.
 encoder's tokens of the two together (still without labels, the way DINOv2's colour-jittered views teach it to ignore
 colour): the investigation of why, with the plain MAE foundation, no method generalizes better than another. It
 did not give a stronger foundation (docs/domain-generalization.md).
+
+`--foundation vicreg` pretrains it self-supervised, still without labels, so that its frozen features hold across
+styles (`pretrain_vicreg`: a whole scene and a masked crop of it in another random style, their patch tokens pulled
+together, VICReg's variance and covariance terms against collapse): the miniature in which Rein's premise holds.
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
+from rein_peft.evaluation import evaluate_segmentation
 from rein_peft.official import BACKBONE_MODULE, HEAD_MODULES, apply_method, mask_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,12 +277,19 @@ class BackboneRecipe:
     # two are pulled together (weight of 1 - cosine similarity): labels are never used, the pairs are like the
     # colour and blur augmentations that DINOv2's views differ by
     invariance: float = 0.0
+    # "mae": masked-image modelling (above); "vicreg": variance-invariance-covariance across styles (`pretrain_vicreg`)
+    objective: str = "mae"
+    projector: int = 512  # vicreg: the expander's width
+    crop_patches: int = 6  # vicreg: the second view's crop, in patches a side (the first view is the whole scene)
+    weight_decay: float = 0.05
 
     def fingerprint(self) -> str:
         """A hash of the recipe and of the code that draws the scenes and trains, naming the cached checkpoint."""
         drawing = (draw_layout, render, random_style, texture_field, scenes)
         code = "".join(inspect.getsource(function) for function in drawing)
         code += inspect.getsource(pretrain_backbone) + inspect.getsource(mae_to_dinov2)
+        if self.objective == "vicreg":
+            code += "".join(inspect.getsource(part) for part in (pretrain_vicreg, variance_covariance, premise_of))
         return hashlib.sha256((json.dumps(asdict(self), sort_keys=True) + code).encode()).hexdigest()[:12]
 
 
@@ -303,7 +323,9 @@ def pretrain_backbone(recipe: BackboneRecipe, processor: BitImageProcessorPil, l
         other_styles = image_tensor(scenes(None, recipe.images, pool_seed, recipe.side, variant=1)["image"])
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
+    )
     warmup = max(1, recipe.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
@@ -368,19 +390,132 @@ def mae_to_dinov2(mae: ViTMAEForPreTraining) -> Dinov2Model:
     return dinov2
 
 
+def variance_covariance(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's two terms against collapse, over `[N, D]` embeddings: the hinge on each dimension's standard
+    deviation (below 1 costs), and the squared off-diagonal covariances (redundant dimensions cost)."""
+    centred = embeddings - embeddings.mean(dim=0)
+    variance = nn.functional.relu(1 - torch.sqrt(centred.var(dim=0) + 1e-4)).mean()
+    covariance = (centred.T @ centred) / (len(embeddings) - 1)  # [D, D]
+    off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
+    return variance, off_diagonal.pow(2).sum() / embeddings.shape[1]
+
+
+def premise_of(backbone: Dinov2Model, style_images: dict[str, torch.Tensor]) -> dict[str, float]:
+    """For each target style, the mean cosine similarity over patches of the last layer's outputs (before the final
+    norm: the deepest features the decoder reads) for the same scenes in the source style and in that style.
+    `style_images` holds normalised `[N, 3, H, W]` pixels per style, the source's first."""
+    backbone.eval()
+    with torch.no_grad():
+        features = {
+            name: backbone(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+            for name, pixels in style_images.items()
+        }  # [N, patches, C]
+    source, *targets = features
+    return {
+        name: nn.functional.cosine_similarity(features[source], features[name], dim=-1).mean().item()
+        for name in targets
+    }
+
+
+def pretrain_vicreg(
+    recipe: BackboneRecipe, processor: BitImageProcessorPil, log_every: int = 125
+) -> tuple[Dinov2Model, list[dict]]:
+    """Self-supervised, without labels: VICReg's objective on patch tokens. One view is a whole scene in a random
+    style; the other is a crop of the same scene drawn in another random style, with some patches masked. Each
+    patch of the crop is pulled (mean squared error, weight 25) towards the same place in the whole view, through a
+    shared expander; the variance hinge (weight 25) and the covariance term (weight 1) keep the embeddings from
+    collapsing. The crop's position embeddings are interpolated to its own grid, so a patch's place in the scene
+    cannot stand in for its content.
+
+    Returns the backbone and the premise (`premise_of`, on 100 scenes outside the pretraining pool and the task)
+    every `log_every` steps: how the invariance grows with pretraining compute."""
+    torch.manual_seed(recipe.seed)
+    config = Dinov2Config(
+        hidden_size=recipe.hidden,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        mlp_ratio=recipe.mlp // recipe.hidden,
+        image_size=recipe.side,
+        patch_size=recipe.patch,
+        layerscale_value=1.0,
+    )
+    backbone = Dinov2Model(config)
+    expander = nn.Sequential(
+        nn.Linear(recipe.hidden, recipe.projector),
+        nn.LayerNorm(recipe.projector),
+        nn.GELU(),
+        nn.Linear(recipe.projector, recipe.projector),
+    )
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+
+    def normalised(images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255 - mean) / std
+
+    pool_seed = 1000 + recipe.seed  # other layouts than the task's (seeds 1 and 100)
+    pools = [image_tensor(scenes(None, recipe.images, pool_seed, recipe.side, variant)["image"]) for variant in (0, 1)]
+    probe = {
+        name: normalised(image_tensor(scenes(style, 100, 200, recipe.side)["image"])) for name, style in STYLES.items()
+    }
+    parameters = [*backbone.parameters(), *expander.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
+    warmup = max(1, recipe.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / recipe.steps)))
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    grid, crop, patch = recipe.side // recipe.patch, recipe.crop_patches, recipe.patch
+    curve = []
+    for step in range(recipe.steps):
+        indices = torch.randint(len(pools[0]), (recipe.batch,), generator=generator)
+        flip = torch.rand(recipe.batch, generator=generator) < 0.5
+        whole, other = (normalised(pool[indices]) for pool in pools)  # the same scenes in two styles, [B, 3, S, S]
+        whole[flip], other[flip] = whole[flip].flip(-1), other[flip].flip(-1)
+        top, left = torch.randint(grid - crop + 1, (2,), generator=generator).tolist()
+        cropped = other[..., top * patch : (top + crop) * patch, left * patch : (left + crop) * patch]
+        masked = torch.rand(recipe.batch, crop * crop, generator=generator) < recipe.mask_ratio
+        backbone.train()
+        whole_tokens = backbone(pixel_values=whole).last_hidden_state[:, 1:]  # [B, grid², C]
+        whole_tokens = whole_tokens.unflatten(1, (grid, grid))[:, top : top + crop, left : left + crop].flatten(1, 2)
+        crop_tokens = backbone(pixel_values=cropped, bool_masked_pos=masked).last_hidden_state[:, 1:]  # [B, crop², C]
+        embeddings = [expander(tokens.flatten(0, 1)) for tokens in (whole_tokens, crop_tokens)]  # [B * crop², D]
+        invariance = nn.functional.mse_loss(*embeddings)
+        variance, covariance = (sum(terms) / 2 for terms in zip(*map(variance_covariance, embeddings), strict=True))
+        loss = 25 * invariance + 25 * variance + covariance
+        loss.backward()
+        nn.utils.clip_grad_norm_(parameters, 3.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
+            premise = premise_of(backbone, probe)
+            curve.append({"step": step + 1, "loss": loss.item(), "premise": premise})
+            print(
+                f"  pretraining step {step + 1}/{recipe.steps}: loss {loss.item():.3f} (invariance "
+                f"{invariance.item():.3f}, variance {variance.item():.3f}), premise "
+                + " ".join(f"{name} {value:.2f}" for name, value in premise.items()),
+                flush=True,
+            )
+    return backbone, curve
+
+
 def build_backbone(recipe: BackboneRecipe, cache_dir: str) -> str:
     """The folder of the pretrained miniature backbone (a DINOv2 checkpoint with its image processor), built on first
     use and then read from `cache_dir`."""
-    folder = os.path.join(cache_dir, f"mae-vit-{recipe.fingerprint()}")
+    folder = os.path.join(cache_dir, f"{recipe.objective}-vit-{recipe.fingerprint()}")
     if os.path.isfile(os.path.join(folder, "recipe.json")):
         return folder
     print(f"building the foundation backbone (once, cached in {folder})", flush=True)
     start = time.perf_counter()
     processor = BitImageProcessorPil(size={"height": recipe.side, "width": recipe.side}, do_center_crop=False)
-    mae_to_dinov2(pretrain_backbone(recipe, processor)).save_pretrained(folder)
+    if recipe.objective == "vicreg":
+        backbone, curve = pretrain_vicreg(recipe, processor)
+    else:
+        backbone, curve = mae_to_dinov2(pretrain_backbone(recipe, processor)), []
+    backbone.save_pretrained(folder)
     processor.save_pretrained(folder)
     with open(os.path.join(folder, "recipe.json"), "w") as file:  # written last: its presence marks a complete build
-        json.dump({**asdict(recipe), "seconds": time.perf_counter() - start}, file, indent=2)
+        json.dump({**asdict(recipe), "seconds": time.perf_counter() - start, "premise_curve": curve}, file, indent=2)
     return folder
 
 
@@ -590,24 +725,66 @@ def feature_similarity(
 # --- the benchmark ---------------------------------------------------------------------------------------------------
 
 REAL_IMAGE_SIZE = 224  # for a checkpoint named by --backbone, unless --image_size says otherwise
-QUICK = {"train_images": 64, "eval_images": 16, "steps": 4, "batch_size": 8, "seeds": [0]}
+QUICK = {"train_images": 64, "eval_images": 16, "steps": 4, "batch_size": 8, "seeds": [0], "pictures": 2}
+# Rein's premise, as the gate checks it before the methods are compared: the frozen foundation's deepest features of
+# the same scenes in the source and every target style at least this similar, and (no collapse) the frozen backbone
+# plus decoder at least this good on the source
+PREMISE_MIN_COSINE, PREMISE_MIN_SOURCE_MIOU = 0.8, 0.85
 QUICK_RECIPE = BackboneRecipe(hidden=32, layers=2, heads=2, mlp=64, images=64, steps=4, batch=16)
 # the investigation of the default's outcome: a foundation whose features are pulled towards style invariance, from 32
 # scenes in 2 styles a step (the default's 64 images a step)
-FOUNDATIONS = {"mae": BackboneRecipe(), "mae+invariance": BackboneRecipe(batch=32, invariance=1.0)}
+FOUNDATIONS = {
+    "mae": BackboneRecipe(),
+    "mae+invariance": BackboneRecipe(batch=32, invariance=1.0),
+    # Rein's premise, made here: invariance across styles without labels (`pretrain_vicreg`), 1,000 steps of 64 scenes
+    "vicreg": BackboneRecipe(objective="vicreg", steps=1000, lr=1e-3, mask_ratio=0.3),
+}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The protocol's evaluation (`rein_peft.evaluation.evaluate_segmentation`): images resized to `side` (keeping
+    their aspect ratio; the miniature's are already `side`), sliding-window class scores over crops of `side` every
+    two thirds of it (the official 512 / 341), mIoU and per-class IoU against the label maps at their own size."""
+
+    processor: BitImageProcessorPil
+    side: int
+    resize: bool
+    device: str
+
+    def __call__(self, model: nn.Module, split: datasets.Dataset, pictures: int = 0) -> dict:
+        return evaluate_segmentation(
+            model,
+            split,
+            self.processor.image_mean,
+            self.processor.image_std,
+            test_size=(self.side, self.side) if self.resize else None,
+            crop_size=self.side,
+            stride=max(1, 2 * self.side // 3),
+            device=self.device,
+            predictions_of=range(pictures),
+        )
 
 
 def run_one(
-    method: str, seed: int, config: UperNetConfig, backbone_path: str, task: Task, data: dict, args: argparse.Namespace
+    method: str,
+    seed: int,
+    config: UperNetConfig,
+    backbone_path: str,
+    task: Task,
+    data: dict,
+    evaluation: Evaluation,
+    args: argparse.Namespace,
 ) -> dict:
+    """Trains `method` from `seed` and evaluates it; the first `args.pictures` predictions of every split are under
+    `"predictions"` (images, label maps and predicted maps, for the pictures; not written to the JSON)."""
     model = prepare(segmenter(config, backbone_path, seed), method, seed).to(args.device)
     trainable = {name: param.numel() for name, param in model.named_parameters() if param.requires_grad}
     decoder = HEAD_MODULES if isinstance(config, Mask2FormerConfig) else [DECODER]
     seconds = train(model, method, data["train"], args, seed)
-    source = protocol.dataset_mean_iou(model, data["source"], device=args.device)
-    targets = {
-        name: protocol.dataset_mean_iou(model, split, device=args.device) for name, split in data["targets"].items()
-    }
+    scores = {"source": evaluation(model, task.source, args.pictures)}
+    scores.update({name: evaluation(model, split, args.pictures) for name, split in task.targets.items()})
+    targets = {name: scores[name]["mean_iou"] for name in task.targets}
     similarity = {}
     if task.paired:
         for name, split in data["targets"].items():
@@ -620,10 +797,13 @@ def run_one(
             count for name, count in trainable.items() if not any(module in name for module in decoder)
         ),
         "train_seconds": seconds,
-        "source_miou": source,
+        "source_miou": scores["source"]["mean_iou"],
         "target_miou": targets,
         "target_mean_miou": statistics.fmean(targets.values()) if targets else float("nan"),
+        # per class, in `class_names` order; None: a class neither in the labels nor in the predictions
+        "per_class_iou": {name: score["per_category_iou"] for name, score in scores.items()},
         "feature_similarity": similarity,
+        "predictions": {name: score["predictions"] for name, score in scores.items()},
     }
 
 
@@ -647,13 +827,34 @@ def summarize(runs: list[dict], methods: list[str], target_names: list[str]) -> 
                 name: spread([run["feature_similarity"][name] for run in mine])
                 for name in mine[0]["feature_similarity"]
             },
+            # per class (`class_names` order): IoU on the source, and its mean over the target styles
+            "source_per_class_iou": _per_class_spread([[run["per_class_iou"]["source"]] for run in mine]),
+            "target_per_class_iou": _per_class_spread(
+                [[run["per_class_iou"][name] for name in target_names] for run in mine]
+            ),
         }
     return summary
+
+
+def _per_class_spread(per_run: list[list[list[float | None]]]) -> list[dict | None]:
+    """Per class, the spread over runs of each run's mean over its splits (a class absent from a split is left out;
+    `None` where it is absent from every split)."""
+    classes = []
+    for class_index in range(len(per_run[0][0])):
+        means = []
+        for splits in per_run:
+            values = [split[class_index] for split in splits if split[class_index] is not None]
+            if values:
+                means.append(statistics.fmean(values))
+        classes.append(spread(means) if means else None)
+    return classes
 
 
 def print_table(result: dict) -> None:
     """The results as Markdown tables: mIoU per method, and (for paired styles) the feature similarity."""
     targets, summary = result["target_names"], result["summary"]
+    if result["premise"]:
+        print_premise(result["premise"], result["premise_gate"], result["premise_other_scenes"])
     print(f"\nmIoU (%) trained on {result['source_name']!r}, mean ± std over seeds {result['settings']['seeds']}\n")
     _markdown_row(["method", "trainable (backbone)", "source", *targets, "target mean", "train s"])
     _markdown_row(["---"] * (len(targets) + 5))
@@ -668,6 +869,34 @@ def print_table(result: dict) -> None:
         for method, row in summary.items():
             similarity = row["feature_similarity"]
             _markdown_row([METHOD_NAMES[method], *(f"{similarity[name]['mean']:.3f}" for name in targets)])
+    print("\nIoU (%) per class, mean over the target styles (the source in brackets)\n")
+    _markdown_row(["method", *result["class_names"]])
+    _markdown_row(["---"] * (len(result["class_names"]) + 1))
+    for method, row in summary.items():
+        cells = [
+            f"{_percent(target)} ({100 * source['mean']:.1f})" if target and source else "-"
+            for target, source in zip(row["target_per_class_iou"], row["source_per_class_iou"], strict=True)
+        ]
+        _markdown_row([METHOD_NAMES[method], *cells])
+
+
+def print_premise(premise: dict[str, float], gate: dict, other_scenes: float) -> None:
+    """The frozen foundation's cosine similarities, and whether they and the frozen source mIoU pass the gate."""
+    print("\npremise: the frozen foundation's deepest features, same scenes in source vs target style (cosine)\n")
+    _markdown_row([*premise, "other scenes, same style"])
+    _markdown_row(["---"] * (len(premise) + 1))
+    _markdown_row([*(f"{value:.3f}" for value in premise.values()), f"{other_scenes:.3f}"])
+    source = gate["frozen_source_miou"]
+    print(
+        f"\ngate: every style >= {gate['min_cosine']} ({'met' if gate['cosine_met'] else 'NOT met'}, lowest "
+        f"{min(premise.values()):.3f}); frozen backbone + decoder >= {100 * gate['min_source_miou']:.0f} mIoU on the "
+        + (
+            f"source ({'met' if gate['source_miou_met'] else 'NOT met'}, {100 * source:.1f})"
+            if source is not None
+            else "source (not measured: the frozen method was not run)"
+        ),
+        flush=True,
+    )
 
 
 def _markdown_row(cells: list[str]) -> None:
@@ -692,6 +921,28 @@ def preview_styles(path: str, num_scenes: int = 6, side: int = 64) -> None:
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 
 
+def prediction_picture(pictures: dict[str, dict[str, dict]], path: str, tile: int = 64) -> None:
+    """The first seed's predictions: a row per split (the source, then each target), and for each pictured scene
+    its image, its label map, then each method's prediction (columns in the order of `pictures`)."""
+
+    def colored(label_map: np.ndarray) -> np.ndarray:  # classes past the palette cycle through it; ignored: black
+        label_map = np.asarray(label_map).astype(np.int64)
+        pixels = LABEL_COLORS[label_map % len(LABEL_COLORS)]
+        pixels[label_map == 255] = 0
+        return np.asarray(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST))
+
+    rows = []
+    for split, examples in next(iter(pictures.values())).items():
+        tiles = []
+        for index, (image, label, _) in sorted(examples.items()):
+            tiles.append(np.asarray(image.convert("RGB").resize((tile, tile), Image.BILINEAR)))
+            tiles += [colored(label), *(colored(pictures[method][split][index][2]) for method in pictures)]
+            tiles.append(np.full((tile, tile // 4, 3), 255, np.uint8))  # a gap between scenes
+        rows.append(np.concatenate(tiles, 1))
+    grid = Image.fromarray(np.concatenate(rows, 0))
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -699,7 +950,16 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     columns = ["source", *result["target_names"], "target mean"]
-    figure, axis = plt.subplots(figsize=(2 + 1.3 * len(columns), 4.5))
+    premise, curve = result["premise"], (result["pretraining"] or {}).get("premise_curve", [])
+    panels = 1 + bool(premise) + bool(curve)
+    figure, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(2 + 1.3 * len(columns) + 4 * (panels - 1), 4.5),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [3] + [1.2] * (panels - 1)},
+    )
+    axis = axes[0, 0]
     width = 0.8 / len(result["summary"])
     for index, (method, row) in enumerate(result["summary"].items()):
         figures = [row["source_miou"], *(row["target_miou"][name] for name in result["target_names"])]
@@ -717,14 +977,34 @@ def plot(result: dict, path: str) -> None:
     axis.set_ylabel("mIoU (%)")
     axis.set_title(f"Trained on '{result['source_name']}', evaluated on unseen styles ({result['backbone']})")
     axis.legend(fontsize=7, loc="lower left")
+    if premise:  # the frozen foundation's cosine similarities, and the gate
+        axis = axes[0, 1]
+        axis.bar(list(premise), list(premise.values()), color="gray")
+        axis.axhline(result["premise_gate"]["min_cosine"], color="black", linestyle="--", linewidth=1)
+        axis.set_ylim(0, 1)
+        axis.set_title("premise: frozen features, source vs style (cosine)", fontsize=9)
+        axis.tick_params(axis="x", labelrotation=45)
+    if curve:  # how it grew with pretraining
+        axis = axes[0, -1]
+        for name in curve[0]["premise"]:
+            axis.plot(
+                [point["step"] for point in curve], [point["premise"][name] for point in curve], "o-", label=name
+            )
+        axis.axhline(result["premise_gate"]["min_cosine"], color="black", linestyle="--", linewidth=1)
+        axis.set_xlabel("pretraining step")
+        axis.set_ylim(0, 1)
+        axis.set_title("premise during pretraining (other scenes)", fontsize=9)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The benchmark: the results (the JSON's), and the first seed's predictions per method and split (pictures)."""
     recipe = QUICK_RECIPE if args.quick else FOUNDATIONS[args.foundation]
-    if args.quick and args.foundation != "mae":
-        recipe = replace(recipe, invariance=FOUNDATIONS[args.foundation].invariance)
+    if args.quick:  # the foundation's objective, on the quick recipe's sizes
+        foundation = FOUNDATIONS[args.foundation]
+        recipe = replace(recipe, invariance=foundation.invariance, objective=foundation.objective)
     if args.quick and args.segmenter == "official":  # the official pyramid takes 4 distinct layers
         recipe = replace(recipe, layers=4)
     if args.backbone is None:
@@ -746,19 +1026,53 @@ def run(args: argparse.Namespace) -> dict:
         "source": pixel_batches(task.source, processor, side, config),
         "targets": {name: pixel_batches(split, processor, side, config) for name, split in task.targets.items()},
     }
-    runs = []
+    evaluation = Evaluation(processor, side, resize=args.source is not None, device=args.device)
+    premise, other_scenes = {}, None
+    if task.paired:  # the frozen foundation, before any method is trained: the same for every seed
+        foundation = segmenter(config, backbone_path, args.seeds[0]).to(args.device)
+        premise = {
+            name: feature_similarity(foundation, data["source"], split, args.device)
+            for name, split in data["targets"].items()
+        }
+        # what the similarity is between different scenes in the same style (each source scene against the next):
+        # a similarity of the same scene across styles far above it is about the scene, not about being a street
+        rolled = data["source"].select([*range(1, len(data["source"])), 0])
+        other_scenes = feature_similarity(foundation, data["source"], rolled, args.device)
+    gate = {
+        "min_cosine": PREMISE_MIN_COSINE,
+        "cosine_met": bool(premise) and min(premise.values()) >= PREMISE_MIN_COSINE,
+    }
+    gate.update({"min_source_miou": PREMISE_MIN_SOURCE_MIOU, "frozen_source_miou": None, "source_miou_met": None})
+    runs, pictures = [], {}
     for seed in args.seeds:
         for method in args.methods:
             print(f"{METHOD_NAMES[method]}, seed {seed}", flush=True)
-            runs.append(run_one(method, seed, config, backbone_path, task, data, args))
+            runs.append(run_one(method, seed, config, backbone_path, task, data, evaluation, args))
+            predictions = runs[-1].pop("predictions")
+            if seed == args.seeds[0]:
+                pictures[method] = predictions
             print(
                 f"  source {100 * runs[-1]['source_miou']:.1f}, unseen styles {100 * runs[-1]['target_mean_miou']:.1f}"
                 f" ({runs[-1]['train_seconds']:.0f} s)",
                 flush=True,
             )
-    return {
+            if premise and method == "frozen" and seed == args.seeds[0]:  # the gate's second half, then the rest
+                gate["frozen_source_miou"] = runs[-1]["source_miou"]
+                gate["source_miou_met"] = runs[-1]["source_miou"] >= PREMISE_MIN_SOURCE_MIOU
+                print_premise(premise, gate, other_scenes)
+    pretraining = None
+    if args.backbone is None:
+        with open(os.path.join(backbone_path, "recipe.json")) as file:
+            built = json.load(file)
+        pretraining = {"seconds": built["seconds"], "premise_curve": built.get("premise_curve", [])}
+    result = {
         "backbone": backbone_name,
         "backbone_recipe": asdict(recipe) if args.backbone is None else None,
+        "pretraining": pretraining,
+        "premise": premise,
+        "premise_gate": gate,
+        "premise_other_scenes": other_scenes,
+        "class_names": task.class_names,
         "source_name": source_name,
         "target_names": list(task.targets),
         "settings": {key: value for key, value in vars(args).items() if key not in ("output", "cache_dir")},
@@ -766,6 +1080,7 @@ def run(args: argparse.Namespace) -> dict:
         "runs": runs,
         "summary": summarize(runs, args.methods, list(task.targets)),
     }
+    return result, pictures
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -790,6 +1105,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", help="dataset to train on (folder from save_to_disk, or Hub name)")
     parser.add_argument("--target", action="append", default=[], help="NAME=DATASET to evaluate on (repeatable)")
     parser.add_argument("--num_labels", type=int, help="classes of --source and --target datasets")
+    parser.add_argument("--pictures", type=int, default=3, help="scenes per split in the prediction picture")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rein_peft"))
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results"))
@@ -805,7 +1121,7 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.logging.set_verbosity_error()  # `datasets` cannot hash the transform; it only means no caching
     warnings.filterwarnings("ignore", message="Cannot (locate reference|pickle)")  # dill, while it tries
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # PEFT 0.21 asks transformers 5
-    result = run(args)
+    result, pictures = run(args)
     print_table(result)
     os.makedirs(args.output, exist_ok=True)
     foundation = "" if args.backbone or args.foundation == "mae" else "_" + args.foundation.replace("mae+", "")
@@ -814,7 +1130,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(stem + ".json", "w") as file:
         json.dump(result, file, indent=2)
     plot(result, stem + ".png")
-    print(f"\nwrote {stem}.json and {stem}.png")
+    prediction_picture(pictures, stem + "_predictions.png")
+    print(f"\nwrote {stem}.json, {stem}.png and {stem}_predictions.png")
     if args.source is None:
         preview_styles(stem + "_styles.png")
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_same_numbers
+from PIL import Image
 from transformers import (
     BitImageProcessorPil,
     Dinov2Config,
@@ -87,6 +89,7 @@ def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path)
     rein = results["summary"]["rein"]
     assert set(rein["target_miou"]) == {"cityscapes"} and rein["source_miou"]["std"] >= 0
     assert rein["feature_similarity"] == {}  # unpaired datasets: no scene-by-scene comparison
+    assert results["premise"] == {} and results["premise_other_scenes"] is None and results["pretraining"] is None
     assert (tmp_path / "out" / "domain_generalization.png").stat().st_size > 0
 
     with pytest.raises(SystemExit, match="NAME=DATASET"):
@@ -138,3 +141,76 @@ def test_the_cache_is_named_by_the_recipe():
     recipe = dg.BackboneRecipe()
     assert recipe.fingerprint() == dg.BackboneRecipe().fingerprint()
     assert recipe.fingerprint() != dg.BackboneRecipe(steps=recipe.steps + 1).fingerprint()
+
+
+def test_quick_vicreg_run_checks_the_premise_before_comparing_and_reports_it(tmp_path):
+    result = _run_quick(tmp_path / "cache", tmp_path / "out", "--foundation", "vicreg")
+    results = json.loads((tmp_path / "out" / "domain_generalization_vicreg_quick.json").read_text())
+    frozen = next(run for run in results["runs"] if run["method"] == "frozen")
+    # the premise is the frozen foundation's: what the frozen method, whose backbone never moves, also measures
+    assert list(results["premise"]) == TARGET_STYLES
+    for style, value in results["premise"].items():
+        assert value == pytest.approx(frozen["feature_similarity"][style], abs=1e-5)
+    assert -1 <= results["premise_other_scenes"] <= 1
+    gate = results["premise_gate"]
+    assert gate["frozen_source_miou"] == frozen["source_miou"]
+    assert gate["cosine_met"] == (min(results["premise"].values()) >= dg.PREMISE_MIN_COSINE)
+    assert gate["source_miou_met"] == (frozen["source_miou"] >= dg.PREMISE_MIN_SOURCE_MIOU)
+    assert result.stdout.index("gate: every style") < result.stdout.index("PEFT LoRA (r=16, q/v), seed 0")
+    (point,) = results["pretraining"]["premise_curve"]  # the quick recipe's 4 steps: one point, at the end
+    assert point["step"] == dg.QUICK_RECIPE.steps and list(point["premise"]) == TARGET_STYLES
+    for run in results["runs"]:  # per-class IoU of every split, their mean the split's mIoU
+        assert list(run["per_class_iou"]) == ["source", *TARGET_STYLES]
+        source = [value for value in run["per_class_iou"]["source"] if value is not None]
+        assert len(run["per_class_iou"]["source"]) == len(dg.CLASS_NAMES)
+        assert run["source_miou"] == pytest.approx(np.mean(source))
+    rows, scenes = 1 + len(TARGET_STYLES), dg.QUICK["pictures"]
+    picture = Image.open(tmp_path / "out" / "domain_generalization_vicreg_quick_predictions.png")
+    tile = 2 * 64  # image, label map and each method's prediction per scene, then a quarter-tile gap
+    assert picture.size == (scenes * (tile * (2 + len(dg.METHODS)) + tile // 4), rows * tile)
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert folder.name.startswith("vicreg-vit-")
+
+
+def test_the_pretraining_premise_is_the_reported_premise(tmp_path):
+    """`premise_of` (during pretraining, on the bare backbone) measures what `feature_similarity` measures on the
+    frozen segmenter built from the saved checkpoint."""
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32)
+    backbone = Dinov2Model(config).eval()
+    backbone.save_pretrained(tmp_path)
+    processor = BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+    processor.save_pretrained(tmp_path)
+    task = dg.miniature_task(train_images=4, eval_images=6, side=32)
+    segmenter_config = dg.segmenter_config(str(tmp_path), task, decoder_channels=16)
+    splits = {"synthetic": task.source, **task.targets}
+    prepared = {name: dg.pixel_batches(split, processor, 32, segmenter_config) for name, split in splits.items()}
+    pixels = {name: torch.stack(list(split[:]["pixel_values"])) for name, split in prepared.items()}
+    premise = dg.premise_of(backbone, pixels)
+    model = dg.segmenter(segmenter_config, str(tmp_path), seed=0)
+    for style in TARGET_STYLES:
+        expected = dg.feature_similarity(model, prepared["synthetic"], prepared[style], "cpu")
+        assert premise[style] == pytest.approx(expected, abs=1e-5)
+
+
+def test_variance_covariance_penalise_collapse_and_redundancy():
+    generator = torch.Generator().manual_seed(0)
+    collapsed = torch.ones(500, 8)
+    independent = torch.randn(20000, 8, generator=generator)
+    redundant = torch.randn(20000, 1, generator=generator).expand(20000, 8)
+    variance, covariance = dg.variance_covariance(collapsed)
+    assert variance.item() == pytest.approx(0.99) and covariance.item() == 0  # std 0: the whole hinge
+    variance, covariance = dg.variance_covariance(independent)
+    assert variance.item() < 0.02 and covariance.item() < 0.01
+    variance, covariance = dg.variance_covariance(redundant)
+    assert variance.item() < 0.02 and covariance.item() == pytest.approx(7, rel=0.05)  # 8 * 7 covariances of 1, / 8
+
+
+def test_vicreg_pretraining_learns_a_dinov2_backbone_and_logs_the_premise():
+    recipe = replace(dg.QUICK_RECIPE, objective="vicreg", images=16, steps=2, batch=4)
+    processor = BitImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False)
+    backbone, curve = dg.pretrain_vicreg(recipe, processor, log_every=1)
+    assert isinstance(backbone, Dinov2Model) and backbone.config.num_hidden_layers == recipe.layers
+    assert [point["step"] for point in curve] == [1, 2] and all(np.isfinite(point["loss"]) for point in curve)
+    assert curve[0]["premise"] != curve[1]["premise"]  # the backbone learned between the two
+    assert list(curve[0]["premise"]) == TARGET_STYLES
