@@ -1043,6 +1043,8 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         "cosine_met": bool(premise) and min(premise.values()) >= PREMISE_MIN_COSINE,
     }
     gate.update({"min_source_miou": PREMISE_MIN_SOURCE_MIOU, "frozen_source_miou": None, "source_miou_met": None})
+    if premise and "frozen" not in args.methods:  # no frozen run to complete the gate: the similarities alone, first
+        print_premise(premise, gate, other_scenes)
     runs, pictures = [], {}
     for seed in args.seeds:
         for method in args.methods:
