@@ -88,6 +88,7 @@ from transformers import (
 import rein_peft
 from rein_peft import protocol
 from rein_peft.evaluation import evaluate_segmentation
+from rein_peft.extras import require
 from rein_peft.official import BACKBONE_MODULE, HEAD_MODULES, apply_method, mask_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1117,6 +1118,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, value)
     if args.target and args.source is None:
         parser.error("--target needs --source: the dataset to train on")
+    require("matplotlib", purpose="The charts and pictures")  # before hours of measuring
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()

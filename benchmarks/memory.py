@@ -39,6 +39,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
 
 import rein_peft
+from rein_peft.extras import require
 
 METHODS = ("full", "lora16", "rein", "rein+ckpt", "rein+int8", "rein+int8+ckpt")
 LABELS, TOKENS, RANK = 10, 100, 16
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         backbones = QUICK_BACKBONES if args.quick else BACKBONES
         print(json.dumps(measure(backbones[args.measure_one[0]], args.measure_one[1], args)))
         return None
+    require("matplotlib", purpose="The memory chart")  # before hours of measuring
     result = run(args)
     print_table(result)
     os.makedirs(args.output, exist_ok=True)

@@ -19,11 +19,11 @@ Mapillary (or any targets), as the official 512x512 config does, through `transf
   aspect ratio), sliding window of 512x512 crops every 341 pixels, scores compared at the label maps' own size; mIoU
   over the 19 classes per target and the mean over targets.
 - output: `results.md` (the table, the paper's numbers beside), `results.json` (every number, per-class IoU) and
-  `predictions_<target>.png` (images, labels and predictions) under `--output_dir`.
+  `predictions_<method>_<target>.png` (columns image, label, prediction) under `--output_dir`.
 
 With no `--source` it runs offline: tiny fake data sets written in the real layouts (see `fake_dg_datasets.py`), a
 tiny DINOv2 and decoder, every size divided by 8 and a few steps: minutes on 2 CPU cores. It checks the pipeline, not
-the method.
+the method, and its table and pictures say so.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from fake_dg_datasets import write_fake_dataset
-from PIL import Image
-from rein_example_utils import check_writable, fail
+from PIL import Image, ImageDraw
+from rein_example_utils import OUTPUTS, QUIET_ON_CPU, check_writable, fail
 from transformers import Dinov2Config, Dinov2Model, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import rein_peft
 from rein_peft import dg_data, evaluation, protocol
+from rein_peft.extras import MissingExtraError, require
 from rein_peft.official import BACKBONE_MODULE, METHODS
 
 # reported mIoU (%), DINOv2-L + Mask2Former trained on GTAV: the paper's Table (frozen backbone, Rein) and the official
@@ -62,7 +63,7 @@ REPORTED = {
 }
 # the official 512x512 config's training; full fine-tuning's backbone learning rate multiplier
 TRAINING_DEFAULTS = {
-    "output_dir": "rein-domain-generalization",
+    "output_dir": os.path.join(OUTPUTS, "rein-domain-generalization"),
     "max_steps": 40000,
     "per_device_train_batch_size": 4,
     "learning_rate": 1e-4,
@@ -79,12 +80,13 @@ TRAINING_DEFAULTS = {
     "save_total_limit": 3,
     "dataloader_num_workers": 2,
     "report_to": "none",
+    **QUIET_ON_CPU,
     "remove_unused_columns": False,
     "seed": 0,
 }
 # the offline default: a few steps on tiny data, every size divided by 8 (crop 64, stride 42, Cityscapes at 128x64)
 OFFLINE_DEFAULTS = {
-    "output_dir": "rein-domain-generalization-offline",
+    "output_dir": os.path.join(OUTPUTS, "rein-domain-generalization-offline"),
     "max_steps": 6,
     "per_device_train_batch_size": 2,
     "learning_rate": 1e-3,
@@ -109,6 +111,11 @@ OFFLINE_DECODER = {
     "num_attention_heads": 2,
     "train_num_points": 1024,
 }
+# the prediction pictures: the columns' names, the height of each caption line (pixels)
+PICTURE_COLUMNS = ("image", "label", "prediction")
+CAPTION_HEIGHT = 20
+# what the offline run's table and pictures say about its numbers
+OFFLINE_NOTE = "Offline run on fake data: it only exercises the pipeline; its numbers say nothing about the method."
 # Cityscapes' colours of the 19 classes, for the prediction pictures (255: black)
 PALETTE = np.zeros((256, 3), dtype=np.uint8)
 PALETTE[:19] = [
@@ -220,8 +227,9 @@ def load_source(pairs: list[tuple[str, str]], split: str, num_proc: int | None):
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def prediction_picture(examples: dict, path: str, height: int = 256) -> None:
-    """One row per image: the image, its label map and the prediction, in Cityscapes' colours."""
+def prediction_picture(examples: dict, path: str, caption: str, height: int = 256) -> None:
+    """Under `caption`, one row per image: the image, its label map and the prediction (Cityscapes' colours), each
+    column named."""
     if not examples:
         return
     rows = []
@@ -232,7 +240,15 @@ def prediction_picture(examples: dict, path: str, height: int = 256) -> None:
         rows.append(np.concatenate([np.asarray(tile) for tile in tiles], axis=1))
     width = max(row.shape[1] for row in rows)
     rows = [np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    tile_width = width // len(PICTURE_COLUMNS)
+    picture = Image.new("RGB", (grid.width, grid.height + 2 * CAPTION_HEIGHT), "white")
+    picture.paste(grid, (0, 2 * CAPTION_HEIGHT))
+    draw = ImageDraw.Draw(picture)
+    draw.text((4, 4), caption, fill="black")
+    for index, name in enumerate(PICTURE_COLUMNS):
+        draw.text((index * tile_width + 4, CAPTION_HEIGHT + 4), name, fill="black")
+    picture.save(path)
 
 
 def results_markdown(result: dict) -> str:
@@ -252,10 +268,14 @@ def results_markdown(result: dict) -> str:
             cells.append(f"{100 * measured:.1f}" + (f" ({reported[0]}, {reported[1]})" if reported else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
     lines += ["", "In brackets: the number reported for DINOv2-L + Mask2Former trained on GTAV, and where it is from."]
+    if result["offline"]:
+        lines = [f"**{OFFLINE_NOTE}**", "", *lines]
     return "\n".join(lines) + "\n"
 
 
-def run_method(method, args, training, config, backbone, train_data, targets, test_sizes, callbacks) -> dict:
+def run_method(
+    method, args, training, config, backbone, train_data, targets, test_sizes, callbacks, offline: bool
+) -> dict:
     model = rein_peft.build_official_segmenter(backbone, num_labels=dg_data.NUM_CLASSES, method=method, config=config)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     full = method == "full"
@@ -300,8 +320,11 @@ def run_method(method, args, training, config, backbone, train_data, targets, te
                 description=f"{method} on {name}",
                 predictions_of=range(args.num_pictures),
             )
+            caption = f"{method} on {name}" + (f". {OFFLINE_NOTE}" if offline else "")
             prediction_picture(
-                result.pop("predictions"), os.path.join(training.output_dir, f"predictions_{method}_{name}.png")
+                result.pop("predictions"),
+                os.path.join(training.output_dir, f"predictions_{method}_{name}.png"),
+                caption,
             )
             result["per_category_iou"] = dict(zip(dg_data.CITYSCAPES_CLASSES, result["per_category_iou"], strict=True))
             result["per_category_accuracy"] = dict(
@@ -321,6 +344,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     args, training = parser.parse_args_into_dataclasses(args=argv)
     if bad := [method for method in args.methods if method not in METHODS]:
         fail(f"--methods takes {METHODS}, got {bad}.")
+    try:  # before any data set is written or read
+        require("scipy", purpose="The official segmenter's Mask2Former (its loss matches predictions to labels)")
+    except MissingExtraError as error:
+        fail(str(error))
     check_writable(training.output_dir)
     start = time.perf_counter()
     if offline:
@@ -354,7 +381,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     transform = dg_data.dg_train_transform(_augmentation(args), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_data = train_data.with_transform(transform)
     rows = {
-        method: run_method(method, args, training, config, args.backbone, train_data, targets, test_sizes, callbacks)
+        method: run_method(
+            method, args, training, config, args.backbone, train_data, targets, test_sizes, callbacks, offline
+        )
         for method in args.methods
     }
     result = {

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
-from rein_example_utils import ReinArguments, check_writable, fail, folder_size_mb, print_results_table
+from rein_example_utils import (
+    OUTPUTS,
+    QUIET_ON_CPU,
+    ReinArguments,
+    check_writable,
+    fail,
+    folder_size_mb,
+    print_results_table,
+)
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -48,11 +56,12 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
+from rein_peft.extras import MissingExtraError, require
 from rein_peft.protocol import BACKBONE_MODULE, DECODER_MODULES
 
 DEFAULT_IMAGE_SIZE = 224  # for a checkpoint, unless --image_size says otherwise
 EMBEDDED_DEFAULTS = {
-    "output_dir": "rein-semantic-segmentation",
+    "output_dir": os.path.join(OUTPUTS, "rein-semantic-segmentation"),
     "num_train_epochs": 6,
     "per_device_train_batch_size": 16,
     "learning_rate": 1e-3,
@@ -62,6 +71,7 @@ EMBEDDED_DEFAULTS = {
     "save_total_limit": 1,
     "logging_steps": 20,
     "report_to": "none",
+    **QUIET_ON_CPU,
     "remove_unused_columns": False,
     "seed": 0,
 }
@@ -93,7 +103,7 @@ class ScriptArguments:
     label_column: str = field(default="label", metadata={"help": "Column holding the label maps (images)."})
     num_labels: int | None = field(default=None, metadata={"help": "Classes of the dataset; default: embedded 3."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="validation", metadata={"help": "Held-out split; 20% of train if absent."})
+    eval_split: str = field(default="validation", metadata={"help": "Held-out split; a fifth of train if absent."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not train the frozen-backbone baseline."})
@@ -114,6 +124,7 @@ EMBEDDED_OFFICIAL_DECODER = {**protocol.mask2former_sizes(64), "num_queries": 16
 
 GRID, PATCH = 8, 8
 CLASS_NAMES = ["background", "small square", "large square"]
+EMBEDDED_DATASET = "embedded: red squares on textured noise, labelled by their size (train_semantic_segmentation.py)"
 
 
 def draw_squares_dataset(num_images: int, seed: int) -> datasets.Dataset:
@@ -278,6 +289,11 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         fail("--official_segmenter is the official DINOv2 segmenter: it does not take --backbone.")
     if script.official_segmenter:
         script.decoder = "mask2former"
+    if script.decoder == "mask2former":
+        try:  # before any data is drawn or read
+            require("scipy", purpose="Mask2Former (its loss matches predictions to labels)")
+        except MissingExtraError as error:
+            fail(str(error))
     check_writable(training.output_dir)
     push_to_hub, training.push_to_hub = training.push_to_hub, False  # the adapter alone is pushed at the end
     start = time.perf_counter()
@@ -327,6 +343,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     results["miou_after"] = protocol.dataset_mean_iou(model, data["validation"])
 
     adapter_dir = os.path.join(training.output_dir, "adapter")
+    # the model card: the data and the mIoU reached (this Trainer never evaluates)
+    rein_peft.set_model_card_info(
+        model, dataset=script.dataset_name or EMBEDDED_DATASET, metrics={"mean_iou": results["miou_after"]}
+    )
     trainer.save_model(adapter_dir)  # adapter and decoder only, written by the main process
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .extras import require
+
 IGNORE_INDEX = 255
 CITYSCAPES_CLASSES = (
     "road",
@@ -338,7 +340,9 @@ def load_dg_dataset(
     Raises:
         FileNotFoundError: No such folder, no images in it, or an image without its label file (named).
         ValueError: A label file holding ids the data set does not have (named).
+        MissingExtraError: datasets or Pillow is missing (`pip install "rein-peft[examples]"`), checked first.
     """
+    require("datasets", "PIL", purpose="load_dg_dataset")
     import datasets
 
     pairs, id_table, num_ids = _files(name, root, split)

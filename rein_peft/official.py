@@ -32,6 +32,7 @@ from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversa
 
 from .config import ReinConfig
 from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
+from .extras import require
 from .pyramid import OFFICIAL_FEATURE_SCALES, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
 # DINOv2-L at patch 16 on 512x512 crops: the official backbone (`_base_/models/rein_dinov2_mask2former.py`)
@@ -217,9 +218,13 @@ def build_official_segmenter(
 
     Returns:
         A `PeftModel` for "rein", "rein_full_rank" and "lora", else the `Mask2FormerForUniversalSegmentation`.
+
+    Raises:
+        MissingExtraError: scipy is missing (`pip install "rein-peft[segmentation]"`), checked before any work.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    require("scipy", purpose="The official segmenter's Mask2Former (its loss matches predictions to labels)")
     if config is None:
         config = official_segmenter_config(backbone, num_labels=num_labels)
     elif not isinstance(config.backbone_config, Dinov2PyramidConfig):
