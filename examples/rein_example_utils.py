@@ -7,7 +7,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
+
 import rein_peft
+
+# where the examples write by default (relative to the working directory; .gitignore covers it in a checkout)
+OUTPUTS = "outputs"
+# Trainer settings that keep a CPU run quiet: pinned memory only helps copies to a GPU (torch warns on every epoch)
+QUIET_ON_CPU = {"dataloader_pin_memory": torch.cuda.is_available()}
 
 
 @dataclass

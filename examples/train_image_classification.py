@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
-from rein_example_utils import ReinArguments, check_writable, fail, folder_size_mb, print_results_table
+from rein_example_utils import (
+    OUTPUTS,
+    QUIET_ON_CPU,
+    ReinArguments,
+    check_writable,
+    fail,
+    folder_size_mb,
+    print_results_table,
+)
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -38,7 +46,7 @@ import rein_peft
 HEAD_NAME = "classifier"  # the head of every transformers *ForImageClassification model
 ACCURACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "accuracy.py")
 EMBEDDED_DEFAULTS = {
-    "output_dir": "rein-image-classification",
+    "output_dir": os.path.join(OUTPUTS, "rein-image-classification"),
     "num_train_epochs": 5,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 128,
@@ -49,6 +57,7 @@ EMBEDDED_DEFAULTS = {
     "save_total_limit": 2,
     "logging_steps": 20,
     "report_to": "none",
+    **QUIET_ON_CPU,
     "remove_unused_columns": False,
     "seed": 0,
 }
@@ -65,7 +74,7 @@ class ScriptArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="validation", metadata={"help": "Held-out split; 20% of train if absent."})
+    eval_split: str = field(default="validation", metadata={"help": "Held-out split; a fifth of train if absent."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not train the frozen-backbone baseline."})
@@ -75,6 +84,7 @@ class ScriptArguments:
 
 GRID, PATCH = 4, 8
 COUNT_NAMES = ["one", "two", "three", "four"]
+EMBEDDED_DATASET = "embedded: 1 to 4 red squares on textured noise, labelled by their count"
 
 
 def draw_counting_dataset(num_images: int, seed: int) -> datasets.Dataset:
@@ -234,7 +244,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     results["accuracy_after"] = trainer.evaluate()["eval_accuracy"]
 
     adapter_dir = os.path.join(training.output_dir, "adapter")
-    trainer.save_model(adapter_dir)  # adapter and head only, written by the main process
+    rein_peft.set_model_card_info(model, dataset=script.dataset_name or EMBEDDED_DATASET)
+    # adapter and head only, written by the main process; its model card gets the Trainer's metrics and settings
+    trainer.save_model(adapter_dir)
     trainer.accelerator.wait_for_everyone()
     if push_to_hub and trainer.is_world_process_zero():
         results["hub_commit"] = model.push_to_hub(hub_model_id, token=training.hub_token).oid

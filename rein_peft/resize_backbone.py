@@ -14,13 +14,20 @@ from transformers import AutoImageProcessor
 
 from .pyramid import resize_patch_embedding
 
+PROG = "python -m rein_peft.resize_backbone"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run the command line on `argv` (default: `sys.argv[1:]`)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("checkpoint", help="a DINOv2 checkpoint: Hub name or folder")
     parser.add_argument("output_dir", help="folder the resized checkpoint is written to")
-    parser.add_argument("--patch-size", type=int, default=16, help="new patch size (official: 16)")
-    parser.add_argument("--image-size", type=int, default=512, help="image side of the new position grid (512)")
+    parser.add_argument("--patch-size", type=int, default=16, help="new patch size (the official one)")
+    parser.add_argument("--image-size", type=int, default=512, help="image side of the new position grid")
     args = parser.parse_args(argv)
     try:
         model = resize_patch_embedding(args.checkpoint, patch_size=args.patch_size, image_size=args.image_size)
