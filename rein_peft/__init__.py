@@ -12,7 +12,8 @@ from .convert import OfficialCheckpointError, convert_official_checkpoint, map_o
 from .dg_data import load_dg_dataset
 from .discovery import ReinUnsupportedModelError
 from .evaluation import slide_inference
-from .hub import register_model_card
+from .extras import MissingExtraError
+from .hub import register_model_card, set_model_card_info
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
 from .official import build_official_segmenter, official_segmenter_config
@@ -51,6 +52,7 @@ __all__ = [
     "ReinPeftType",
     "ReinStateDictError",
     "ReinUnsupportedModelError",
+    "MissingExtraError",
     "build_official_segmenter",
     "check_label_maps",
     "convert_official_checkpoint",
@@ -65,6 +67,7 @@ __all__ = [
     "rein_parameter_groups",
     "resize_patch_embedding",
     "segmentation_ignore_index",
+    "set_model_card_info",
     "slide_inference",
     "unchanged_on_failure",
 ]

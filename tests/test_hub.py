@@ -197,22 +197,40 @@ def test_push_to_hub_uploads_adapter_and_model_card(pushed: Pushed):
     assert adapter_config["token_length"] == 6
     assert adapter_config["base_model_name_or_path"] == BASE_REPO
 
-    # PEFT's card (library name, base model) plus what rein_peft adds: a tag and a usage snippet.
+    # Rein's card (tests/test_model_card.py has its contents): PEFT's metadata, and a snippet that loads this repo
     card = ModelCard(pushed.report["card"])
-    snippet = card.text.split("```python\n", 1)[1] if "```python\n" in card.text else ""
+    snippet = _card_snippet(pushed)
     facts = {
         "library_name": card.data.library_name,
         "base_model": card.data.base_model,
         "tagged rein": "rein" in (card.data.tags or []),
         "snippet starts with `import rein_peft`": snippet.startswith("import rein_peft"),
+        "snippet loads the pushed repo": f"PeftModel.from_pretrained(base, {ADAPTER_REPO!r})" in snippet,
     }
     expected = {
         "library_name": "peft",
         "base_model": BASE_REPO,
         "tagged rein": True,
         "snippet starts with `import rein_peft`": True,
+        "snippet loads the pushed repo": True,
     }
     assert facts == expected, f"the pushed README.md starts:\n{card.content[:400]}"
+
+
+def _card_snippet(pushed: Pushed) -> str:
+    text = ModelCard(pushed.report["card"]).text
+    return text.split("```python\n", 1)[1].split("```", 1)[0] if "```python\n" in text else ""
+
+
+def test_pushed_card_snippet_runs_as_written(pushed: Pushed, hub: str, tmp_path: Path):
+    script = _card_snippet(pushed) + textwrap.dedent(
+        """
+        torch.save(adapter_state(model), os.path.join(OUT, "loaded.pt"))
+        report(labels=model.config.num_labels)
+        """
+    )
+    assert run_client(hub, tmp_path, script) == {"labels": 3}
+    assert_same_adapter(torch.load(tmp_path / "loaded.pt"), pushed.tensors["adapter"])
 
 
 def test_from_pretrained_in_a_fresh_process_is_bit_identical(pushed: Pushed, hub: str, tmp_path: Path):
