@@ -87,6 +87,7 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
+from rein_peft.compat import silence_peft_deprecations
 from rein_peft.evaluation import evaluate_segmentation
 from rein_peft.extras import require
 from rein_peft.official import BACKBONE_MODULE, HEAD_MODULES, apply_method, mask_targets
@@ -1124,7 +1125,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()  # `datasets` cannot hash the transform; it only means no caching
     warnings.filterwarnings("ignore", message="Cannot (locate reference|pickle)")  # dill, while it tries
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # PEFT 0.21 asks transformers 5
+    silence_peft_deprecations()  # PEFT 0.21 asks transformers 5 for is_gradient_checkpointing
     result, pictures = run(args)
     print_table(result)
     os.makedirs(args.output, exist_ok=True)

@@ -45,6 +45,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import rein_peft
 from rein_peft import dg_data, evaluation, protocol
+from rein_peft.compat import silence_peft_deprecations
 from rein_peft.extras import MissingExtraError, require
 from rein_peft.official import BACKBONE_MODULE, METHODS
 
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     parser = HfArgumentParser((ProtocolArguments, TrainingArguments))
     parser.set_defaults(**{**TRAINING_DEFAULTS, **(OFFLINE_DEFAULTS if offline else {})})
     args, training = parser.parse_args_into_dataclasses(args=argv)
+    silence_peft_deprecations()  # PEFT's, on every PeftModel built: nothing for the user to do
     if bad := [method for method in args.methods if method not in METHODS]:
         fail(f"--methods takes {METHODS}, got {bad}.")
     try:  # before any data set is written or read

@@ -42,6 +42,7 @@ from transformers import (
 )
 
 import rein_peft
+from rein_peft.compat import silence_peft_deprecations
 
 HEAD_NAME = "classifier"  # the head of every transformers *ForImageClassification model
 ACCURACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "accuracy.py")
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     parser = HfArgumentParser((ScriptArguments, ReinArguments, TrainingArguments))
     parser.set_defaults(**EMBEDDED_DEFAULTS)
     script, rein, training = parser.parse_args_into_dataclasses(args=argv)
+    silence_peft_deprecations()  # PEFT's, on every PeftModel built: nothing for the user to do
     check_writable(training.output_dir)
     # the adapter alone is pushed at the end (Trainer would push its whole output folder at every save)
     push_to_hub, training.push_to_hub = training.push_to_hub, False

@@ -56,6 +56,7 @@ from transformers import (
 
 import rein_peft
 from rein_peft import protocol
+from rein_peft.compat import silence_peft_deprecations
 from rein_peft.extras import MissingExtraError, require
 from rein_peft.protocol import BACKBONE_MODULE, DECODER_MODULES
 
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     parser = HfArgumentParser((ScriptArguments, ReinArguments, TrainingArguments))
     parser.set_defaults(**EMBEDDED_DEFAULTS)
     script, rein, training = parser.parse_args_into_dataclasses(args=argv)
+    silence_peft_deprecations()  # PEFT's, on every PeftModel built: nothing for the user to do
     if script.decoder not in DECODER_MODULES:
         fail(f"--decoder must be one of {sorted(DECODER_MODULES)}, got {script.decoder!r}.")
     if script.backbone not in EMBEDDED_BACKBONES:

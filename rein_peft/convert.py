@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Mask2FormerForUniversalSegmentation
 
+from .compat import peft_deprecations_silenced
 from .config import ReinConfig
 from .model import _tensor_stem
 from .rollback import unchanged_on_failure
@@ -454,7 +455,8 @@ def convert_official_checkpoint(
     # a checkpoint that does not fit leaves `base_model` as it was (the head's tensors are assigned, not copied into)
     with unchanged_on_failure(base_model):
         load_official_model_tensors(base_model, mapping)
-        peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
+        with peft_deprecations_silenced():
+            peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
         # PEFT loads modules_to_save from the same state dict: keep their values (copied from the loaded head)
         adapter_state_dict = {
             key: tensor

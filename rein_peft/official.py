@@ -30,6 +30,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
+from .compat import peft_deprecations_silenced
 from .config import ReinConfig
 from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
 from .extras import require
@@ -175,7 +176,8 @@ def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.
             target_modules=LORA_TARGETS,
             modules_to_save=HEAD_MODULES,
         )
-        return get_peft_model(model, config)
+        with peft_deprecations_silenced():
+            return get_peft_model(model, config)
     if method in ("rein", "rein_full_rank"):
         rein = {**OFFICIAL_REIN, "lora_dim": None} if method == "rein_full_rank" else OFFICIAL_REIN
         config = ReinConfig(
@@ -184,7 +186,8 @@ def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.
             query_dims=model.config.hidden_dim,
             modules_to_save=HEAD_MODULES,
         )
-        return get_peft_model(model, config)
+        with peft_deprecations_silenced():
+            return get_peft_model(model, config)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
 
 
