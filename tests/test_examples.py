@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,7 +26,7 @@ import rein_peft  # noqa: F401  (registers Rein with PEFT)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from train_image_classification import main  # noqa: E402
+from train_image_classification import EMBEDDED_DATASET, main  # noqa: E402
 
 QUICK = ["--max_train_samples", "256", "--max_eval_samples", "64", "--max_steps", "6", "--skip_baseline"]
 
@@ -44,6 +45,12 @@ def test_embedded_default_shows_the_adapter_doing_work(tmp_path):
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert all(".rein." in key or ".classifier." in key for key in tensors)
     assert results["adapter_mb"] < 0.2
+    # the adapter's model card: the base model, the four counts, the embedded data, the accuracy reached
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.base_model == str(tmp_path / "base-model")
+    assert "- Head: 4 labels: one, two, three, four" in card.text
+    assert card.data.datasets == [EMBEDDED_DATASET]
+    assert f"| accuracy | {results['accuracy_after']:.4g} |" in card.text
 
 
 class CountSteps(TrainerCallback):

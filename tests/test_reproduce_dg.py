@@ -9,6 +9,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,6 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import reproduce_domain_generalization as reproduce  # noqa: E402
 
 QUICK = ["--max_steps", "2", "--max_eval_images", "2", "--num_pictures", "2"]
+
+
+def _captions(picture: Image.Image) -> list[bool]:
+    """Whether there is text (dark pixels on white): in the caption line, then over each of the three columns."""
+    lines = np.asarray(picture.convert("L")) < 128
+    height, third = reproduce.CAPTION_HEIGHT, picture.width // len(reproduce.PICTURE_COLUMNS)
+    columns = lines[height : 2 * height]
+    return [bool(lines[:height].any())] + [bool(columns[:, i * third : (i + 1) * third].any()) for i in range(3)]
 
 
 def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
@@ -37,7 +46,9 @@ def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
             ious = [value for value in target["per_category_iou"].values() if value is not None]
             assert target["mean_iou"] == pytest.approx(statistics.fmean(ious))
             picture = Image.open(tmp_path / f"predictions_{method}_{name}.png")
-            assert picture.height > 2 * 256  # two rows: image, label and prediction side by side
+            # a caption line and a line of column names over two rows of image, label and prediction side by side
+            assert picture.height == 2 * reproduce.CAPTION_HEIGHT + 2 * (256 + 4)
+            assert _captions(picture) == [True, True, True, True]
         assert row["mean_miou"] == pytest.approx(
             statistics.fmean(row["targets"][n]["mean_iou"] for n in result["target_names"])
         )
@@ -45,6 +56,9 @@ def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
     assert (tmp_path / "rein" / "final" / "adapter_model.safetensors").is_file()  # the adapter and the head
     table = (tmp_path / "results.md").read_text()
     assert "| rein |" in table and "(66.4, paper; 66.7 official README)" in table and "(56.1, paper)" in table
+    # fake data: the table says first that the run only exercises the pipeline
+    assert table.startswith(f"**{reproduce.OFFLINE_NOTE}**")
+    assert "only exercises the pipeline" in reproduce.OFFLINE_NOTE
 
 
 @pytest.mark.parametrize(

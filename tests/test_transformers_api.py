@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers as tf
 from conftest import FLOAT32_RTOL, pixels, randomize_adapter, relative_error, tiny_dinov2
+from packaging.version import Version
 from peft import AutoPeftModel, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,6 +23,24 @@ from rein_peft import ReinConfig, ReinLayer
 pytestmark = pytest.mark.numerics
 
 LABEL_NAMES = {0: "cat", 1: "dog", 2: "bird"}
+# transformers 5.24+ refuses its own adapter API but load_adapter (set_adapter, active_adapters, disable_adapters,
+# enable_adapters, delete_adapter, get_adapter_state_dict, add_adapter) with PEFT below 0.22, in its own words
+# (docs/transformers.md); with those versions the tests expect exactly that refusal (scripts/test-newest.sh)
+ADAPTER_API_NEEDS_NEWER_PEFT = (
+    Version(tf.__version__) >= Version("5.24") and Version(peft.__version__) < Version("0.22")
+)
+PEFT_VERSION_REFUSAL = "The version of PEFT you are using is not compatible, please use a version >= 0.22.0"
+
+
+def refused_for_old_peft(call) -> bool:
+    """Where transformers refuses its adapter API for the installed PEFT: check that `call()` gets its refusal and
+    return True (the test ends there). Elsewhere: return False without calling."""
+    if not ADAPTER_API_NEEDS_NEWER_PEFT:
+        return False
+    with pytest.raises(ValueError) as refusal:
+        call()
+    assert str(refusal.value) == PEFT_VERSION_REFUSAL
+    return True
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,8 @@ def test_load_adapter_set_adapter_and_disable_give_the_peft_model_outputs(folder
     model.load_adapter(folders.adapter, adapter_name="a")
     model.load_adapter(folders.other, adapter_name="b")
     expected = {"a": peft_logits(folders, folders.adapter, inputs), "b": peft_logits(folders, folders.other, inputs)}
+    if refused_for_old_peft(lambda: model.set_adapter("a")):
+        return
 
     errors = {}
     for name in ("a", "b", "a"):  # switching back and forth also exercises the eval-mode cache
@@ -100,6 +122,7 @@ def _features(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.xfail(
+    not ADAPTER_API_NEEDS_NEWER_PEFT,
     strict=True,
     reason="transformers 5.23: disable_adapters() turns off modules_to_save, enable_adapters() does not turn them "
     "back on (LoRA alike); docs/transformers.md",
@@ -108,6 +131,8 @@ def test_enable_adapters_restores_the_head_of_modules_to_save(folders: Folders):
     inputs = pixels(3)
     model = load_base(folders)
     model.load_adapter(folders.adapter, adapter_name="a")
+    if refused_for_old_peft(model.disable_adapters):
+        return
     model.disable_adapters()
     model.enable_adapters()
     assert relative_error(logits_of(model, inputs), peft_logits(folders, folders.adapter, inputs)) <= FLOAT32_RTOL
@@ -121,6 +146,8 @@ def test_get_adapter_state_dict_and_save_pretrained_write_the_adapter_only(folde
         key.removeprefix("base_model.model."): tensor
         for key, tensor in load_file(folders.adapter / "adapter_model.safetensors").items()
     }
+    if refused_for_old_peft(lambda: model.get_adapter_state_dict("a")):
+        return
     state = model.get_adapter_state_dict("a")
     assert sorted(state) == sorted(saved)
     assert all(torch.equal(state[key], saved[key]) for key in saved)
@@ -135,6 +162,8 @@ def test_get_adapter_state_dict_and_save_pretrained_write_the_adapter_only(folde
 def test_add_adapter_trains_only_the_adapter_and_saves_what_peft_loads(folders: Folders, tmp_path: Path):
     model = load_base(folders)
     frozen = {name: param.detach().clone() for name, param in model.named_parameters()}
+    if refused_for_old_peft(lambda: model.add_adapter(ReinConfig(token_length=6), adapter_name="new")):
+        return
     model.add_adapter(ReinConfig(token_length=6, modules_to_save=["classifier"]), adapter_name="new")
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable and all(".rein_" in name or ".modules_to_save.new." in name for name in trainable)
