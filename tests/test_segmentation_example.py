@@ -12,6 +12,7 @@ import datasets
 import evaluate
 import numpy as np
 import pytest
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,7 +20,7 @@ import rein_peft  # noqa: F401  (registers Rein with PEFT)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from train_semantic_segmentation import DECODER_MODULES, main  # noqa: E402
+from train_semantic_segmentation import DECODER_MODULES, EMBEDDED_DATASET, main  # noqa: E402
 
 QUICK = ["--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "1", "--skip_baseline"]
 
@@ -36,6 +37,10 @@ def test_trains_saves_and_reloads_the_same_miou(tmp_path, decoder_flags):
     assert all(".rein." in key or any(f".{module}." in key for module in decoder) for key in tensors)
     if "--link_token_to_query" in decoder_flags:  # the linking layers travel with the adapter
         assert {"rein_transform", "rein_merge", "rein_query_feat"} <= {key.split(".")[-2] for key in tensors}
+    # the model card: a base built from a config (no checkpoint to name), the embedded data, the mIoU reached
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.datasets == [EMBEDDED_DATASET] and f"| mean_iou | {results['miou_after']:.4g} |" in card.text
+    assert "- Head: 3 labels: background, small square, large square" in card.text
 
 
 def _save_dataset(folder: Path, label_values: list[int], sizes: list[tuple[int, int]]) -> None:
