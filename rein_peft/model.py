@@ -184,10 +184,22 @@ class ReinModel(BaseTuner):
             )
 
     def _prepare_adapter_config(self, peft_config: ReinConfig, model_config: dict) -> ReinConfig:
-        # target_modules=None means "the vision encoder's layers", resolved from the model in _prepare_model
+        # target_modules=None means "the vision encoder's layers", resolved from the model in _prepare_model.
+        # A saved task head fits the labels it was trained for: record them, so that an adapter folder loaded alone
+        # can build its base model with them (rein_peft.auto_loading)
+        if peft_config.id2label is None and peft_config.modules_to_save and model_config.get("id2label"):
+            peft_config.id2label = {str(index): label for index, label in model_config["id2label"].items()}
         return peft_config
 
     def _prepare_model(self, peft_config: ReinConfig, model: nn.Module) -> None:
+        if peft_config.auto_mapping is None:
+            # the class AutoPeftModel builds; PeftModel.save_pretrained writes the same, transformers' save_pretrained
+            # writes the config as it is
+            model_class = type(model)
+            peft_config.auto_mapping = {
+                "base_model_class": model_class.__name__,
+                "parent_library": model_class.__module__,
+            }
         _refuse_unknown_modules_to_save(model, peft_config.modules_to_save)
         refuse_quantized_modules_to_save(model, peft_config.modules_to_save)
         # read by _check_target_module_exists and _create_and_replace during this injection only
