@@ -1,0 +1,176 @@
+"""Docs are tests: every ```python block of README.md and docs/*.md runs as written, page by page in one namespace
+(each page in a fresh working folder), with the Hub ids and the sizes below swapped for tiny local stand-ins.
+
+A block that cannot run here is marked in the page source by an HTML comment on the line before it that gives the
+reason, `<!-- docs-test: skip (needs the Hub dataset "beans") -->`. A marked block still runs and must raise: once
+it runs, the mark is no longer needed and the test fails. Every script or module a ```bash block runs
+(`python -m rein_peft...`, `examples/...`, `benchmarks/...`) answers `--help`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import transformers as tf
+from conftest import tiny_dinov2
+from peft import get_peft_model
+
+from rein_peft import ReinConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SKIP_MARK = re.compile(r"<!-- docs-test: skip \((?P<reason>.+)\) -->")
+FENCE = re.compile(r"^```(?P<language>\w*)\s*$")
+
+
+def _dinov2_backbone() -> tf.Dinov2Model:
+    return tiny_dinov2(classifier=False)
+
+
+def _dinov2_large() -> tf.Dinov2Model:
+    # DINOv2-L's depth (the pages name its layers 8, 12, 16, 24) and patch 14, at conftest's width
+    return tiny_dinov2(classifier=False, num_hidden_layers=24, patch_size=14, image_size=56)
+
+
+def _convnext_imagenet() -> tf.ConvNextForImageClassification:
+    # an ImageNet head of 1000 labels, which a 19-class head replaces
+    config = tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32, num_labels=1000)
+    return tf.ConvNextForImageClassification(config).eval()
+
+
+# what the pages load from the Hub -> the tiny model of the same class saved in its place
+HUB_MODELS: dict[str, Callable[[], tf.PreTrainedModel]] = {
+    "facebook/dinov2-small": _dinov2_backbone,
+    "facebook/dinov2-giant": _dinov2_backbone,
+    "facebook/dinov2-large": _dinov2_large,
+    "facebook/convnext-large-224": _convnext_imagenet,
+}
+# adapters the pages load from a user's Hub repo -> a tiny Rein adapter over "facebook/dinov2-small" (10 labels)
+HUB_ADAPTERS = ("<you>/<other-adapter>", "<you>/<name>")
+# sizes the pages use that would make a block slow here -> the same call at a tiny size
+SIZES_IN_PAGES = {
+    "hidden_sizes=[192, 384, 768, 1536], depths=[3, 3, 27, 3]": "hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 2, 1]",
+    "3, 224, 224)": "3, 32, 32)",  # images
+    "3, 512, 512)": "3, 64, 64)",
+    "image_size=512": "image_size=64",
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # of the opening fence, 1-based
+    language: str
+    source: str
+    skip_reason: str | None
+
+
+def blocks_of(page: Path) -> list[Block]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks, index = [], 0
+    while index < len(lines):
+        fence = FENCE.match(lines[index])
+        if fence is None:
+            index += 1
+            continue
+        end = next(end for end in range(index + 1, len(lines)) if lines[end].startswith("```"))
+        mark = SKIP_MARK.search(lines[index - 1]) if index > 0 else None
+        source = "\n".join(lines[index + 1 : end]) + "\n"
+        blocks.append(Block(page, index + 1, fence["language"], source, mark["reason"] if mark else None))
+        index = end + 1
+    return blocks
+
+
+def _python_pages() -> list[Path]:
+    return [page for page in PAGES if any(block.language == "python" for block in blocks_of(page))]
+
+
+@pytest.fixture(scope="session")
+def substitutes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Each Hub id of the pages -> a folder holding its tiny stand-in (with an image processor)."""
+    root = tmp_path_factory.mktemp("docs_models")
+    processor = tf.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folders = {}
+    for hub_id, build in HUB_MODELS.items():
+        folder = root / hub_id.replace("/", "--")
+        build().save_pretrained(folder)
+        processor.save_pretrained(folder)
+        folders[hub_id] = str(folder)
+    adapter = root / "rein-adapter"
+    base = tf.Dinov2ForImageClassification.from_pretrained(folders["facebook/dinov2-small"], num_labels=10)
+    get_peft_model(base, ReinConfig(token_length=4, lora_dim=2, modules_to_save=["classifier"])).save_pretrained(
+        adapter
+    )
+    folders.update(dict.fromkeys(HUB_ADAPTERS, str(adapter)))
+    return folders
+
+
+def substituted(source: str, substitutes: dict[str, str]) -> str:
+    for hub_id, folder in substitutes.items():
+        source = source.replace(f'"{hub_id}"', repr(folder))
+    for size, tiny in SIZES_IN_PAGES.items():
+        source = source.replace(size, tiny)
+    return source
+
+
+@pytest.mark.parametrize("page", _python_pages(), ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_python_blocks_run_as_written(
+    page: Path, substitutes: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for block in (block for block in blocks_of(page) if block.language == "python"):
+        where = f"{page.relative_to(ROOT)}:{block.line}"
+        code = compile(substituted(block.source, substitutes), where, "exec")
+        try:
+            exec(code, namespace)
+        except Exception:
+            if block.skip_reason is None:
+                pytest.fail(f"{where} fails as written:\n{traceback.format_exc()}")
+        else:
+            if block.skip_reason is not None:
+                pytest.fail(f"{where} runs now: remove its mark '{block.skip_reason}'")
+
+
+# a command line of a ```bash block that runs one of the project's scripts or modules
+COMMAND = re.compile(r"python -m (?P<module>rein_peft[\w.]*)|(?P<script>(?:examples|benchmarks)/[\w/]+\.py)")
+
+
+def documented_commands() -> list[str]:
+    commands = set()
+    for page in PAGES:
+        for block in (block for block in blocks_of(page) if block.language == "bash"):
+            for match in COMMAND.finditer(block.source):
+                commands.add(f"-m {match['module']}" if match["module"] else match["script"])
+    return sorted(commands)
+
+
+def test_every_documented_command_answers_help():
+    commands = documented_commands()
+    assert {"examples/train_image_classification.py", "-m rein_peft.resize_backbone"} <= set(commands)
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = {
+        command: subprocess.Popen(
+            [sys.executable, *command.split(), "--help"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for command in commands
+    }
+    failures = {}
+    for command, run in runs.items():
+        output, _ = run.communicate(timeout=300)
+        if run.returncode != 0 or "usage:" not in output:
+            failures[command] = output[-2000:]
+    assert not failures, failures
