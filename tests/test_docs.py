@@ -20,10 +20,13 @@ from pathlib import Path
 
 import pytest
 import transformers as tf
-from conftest import tiny_dinov2
-from peft import get_peft_model
+from conftest import SIZES, tiny_dinov2, tiny_mask2former_config
+from peft import PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+from transformers.utils import import_utils
 
-from rein_peft import ReinConfig
+from rein_peft import ReinConfig, ReinPeftType
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -32,7 +35,8 @@ FENCE = re.compile(r"^```(?P<language>\w*)\s*$")
 
 
 def _dinov2_backbone() -> tf.Dinov2Model:
-    return tiny_dinov2(classifier=False)
+    # no labels of its own: transformers' default, 2, as in facebook/dinov2-small's config
+    return tiny_dinov2(classifier=False, num_labels=2)
 
 
 def _dinov2_large() -> tf.Dinov2Model:
@@ -174,3 +178,92 @@ def test_every_documented_command_answers_help():
         if run.returncode != 0 or "usage:" not in output:
             failures[command] = output[-2000:]
     assert not failures, failures
+
+
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+# DINOv2-S's width, so that the head's shapes in the messages are those of the page ([10, 768]: CLS + mean patch)
+SMALL_WIDTH = {"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 6, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="module")
+def ten_label_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A DINOv2-S-wide backbone with no labels of its own, and a Rein adapter whose head has 10 labels."""
+    root = tmp_path_factory.mktemp("troubleshooting")
+    tiny_dinov2(classifier=False, num_labels=2, **SMALL_WIDTH).save_pretrained(root / "base")
+    model = tf.Dinov2ForImageClassification.from_pretrained(root / "base", num_labels=10)
+    config = ReinConfig(token_length=2, lora_dim=1, modules_to_save=["classifier"])
+    get_peft_model(model, config).save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def _message(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _rein_not_imported(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    # the state of PEFT's tables without `import rein_peft`
+    for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
+        monkeypatch.delitem(table, ReinPeftType.REIN)
+    with pytest.raises(KeyError) as error:
+        PeftModel.from_pretrained(tf.Dinov2ForImageClassification.from_pretrained(folders[0]), folders[1])
+    return _message(error.value)
+
+
+def _scipy_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    _, message = import_utils.BACKENDS_MAPPING["scipy"]
+    monkeypatch.setitem(import_utils.BACKENDS_MAPPING, "scipy", (lambda: False, message))
+    config = tiny_mask2former_config(tf.Dinov2Config(**SIZES, out_features=["stage1"]), num_queries=4)
+    with pytest.raises(ImportError) as error:
+        Mask2FormerLoss(config, weight_dict={})
+    return str(error.value)
+
+
+def _head_mismatch_through_peft(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    with pytest.raises(RuntimeError) as error:
+        PeftModel.from_pretrained(tf.Dinov2ForImageClassification.from_pretrained(folders[0]), folders[1])
+    return _message(error.value)
+
+
+def _head_mismatch_through_transformers(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    with pytest.raises(RuntimeError) as error:
+        tf.Dinov2ForImageClassification.from_pretrained(folders[0]).load_adapter(folders[1])
+    return _message(error.value)
+
+
+def _kernels_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str | None:
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    try:  # transformers 5.25 uses Hub kernels by default, and needs the kernels package for them
+        tf.Dinov2Model.from_pretrained(folders[0])
+    except ValueError as error:
+        return _message(error)
+    return None
+
+
+def _peft_too_old_for_transformers(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str | None:
+    try:  # transformers 5.24 and later ask for PEFT >= 0.22 in their own adapter API
+        tf.Dinov2Model.from_pretrained(folders[0]).add_adapter(ReinConfig(token_length=2))
+    except ValueError as error:
+        return _message(error)
+    return None
+
+
+ERRORS = {
+    "KeyError: 'REIN'": _rein_not_imported,
+    "scipy missing": _scipy_missing,
+    "head of another label count, PEFT": _head_mismatch_through_peft,
+    "head of another label count, transformers": _head_mismatch_through_transformers,
+    "Kernels are not available": _kernels_missing,
+    "PEFT >= 0.22": _peft_too_old_for_transformers,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_troubleshooting_quotes_the_errors_word_for_word(
+    name: str, ten_label_adapter: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+):
+    message = ERRORS[name](ten_label_adapter, monkeypatch)
+    if message is None:
+        pytest.skip(f"transformers {tf.__version__} with these packages does not produce this error")
+    quoted = {line.strip() for line in TROUBLESHOOTING.read_text(encoding="utf-8").splitlines()}
+    missing = [line.strip() for line in message.splitlines() if line.strip() and line.strip() not in quoted]
+    assert not missing, f"docs/troubleshooting.md does not quote these lines of the error as printed: {missing}"
