@@ -65,7 +65,7 @@ class ScriptArguments:
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str = field(default="validation", metadata={"help": "Held-out split; 20% of train if absent."})
+    eval_split: str = field(default="validation", metadata={"help": "Held-out split; 20%% of train if absent."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
     skip_baseline: bool = field(default=False, metadata={"help": "Do not train the frozen-backbone baseline."})
