@@ -9,8 +9,10 @@ it runs, the mark is no longer needed and the test fails. Every script or module
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,10 +24,11 @@ import transformers as tf
 from conftest import SIZES, tiny_dinov2, tiny_mask2former_config
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import CONFIG_NAME
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 from transformers.utils import import_utils
 
-from rein_peft import ReinConfig, ReinPeftType
+from rein_peft import ReinConfig, ReinPeftType, ReinStateDictError
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -206,7 +209,7 @@ def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _rein_not_imported(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+def _rein_not_imported(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     # the state of PEFT's tables without `import rein_peft`
     for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
         monkeypatch.delitem(table, ReinPeftType.REIN)
@@ -215,7 +218,7 @@ def _rein_not_imported(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPat
     return _message(error.value)
 
 
-def _scipy_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+def _scipy_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     _, message = import_utils.BACKENDS_MAPPING["scipy"]
     monkeypatch.setitem(import_utils.BACKENDS_MAPPING, "scipy", (lambda: False, message))
     config = tiny_mask2former_config(tf.Dinov2Config(**SIZES, out_features=["stage1"]), num_queries=4)
@@ -224,19 +227,41 @@ def _scipy_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) 
     return str(error.value)
 
 
-def _head_mismatch_through_peft(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
-    with pytest.raises(RuntimeError) as error:
+def _head_mismatch_said_by_rein_peft(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str:
+    with pytest.raises(ReinStateDictError) as error:
         PeftModel.from_pretrained(tf.Dinov2ForImageClassification.from_pretrained(folders[0]), folders[1])
-    return _message(error.value)
+    return f"{ReinStateDictError.__module__}.{_message(error.value)}"
 
 
-def _head_mismatch_through_transformers(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+def _adapter_without_labels(folders: tuple[Path, Path], tmp_path: Path) -> Path:
+    # as saved before adapters recorded their labels
+    shutil.copytree(folders[1], tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / CONFIG_NAME
+    config = json.loads(config_file.read_text())
+    del config["id2label"]
+    config_file.write_text(json.dumps(config))
+    return tmp_path / "adapter"
+
+
+def _head_mismatch_through_peft(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     with pytest.raises(RuntimeError) as error:
-        tf.Dinov2ForImageClassification.from_pretrained(folders[0]).load_adapter(folders[1])
+        base = tf.Dinov2ForImageClassification.from_pretrained(folders[0])
+        PeftModel.from_pretrained(base, _adapter_without_labels(folders, tmp_path))
     return _message(error.value)
 
 
-def _kernels_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str | None:
+def _head_mismatch_through_transformers(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str:
+    with pytest.raises(RuntimeError) as error:
+        base = tf.Dinov2ForImageClassification.from_pretrained(folders[0])
+        base.load_adapter(_adapter_without_labels(folders, tmp_path))
+    return _message(error.value)
+
+
+def _kernels_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str | None:
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
     try:  # transformers 5.25 uses Hub kernels by default, and needs the kernels package for them
         tf.Dinov2Model.from_pretrained(folders[0])
@@ -245,7 +270,9 @@ def _kernels_missing(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
     return None
 
 
-def _peft_too_old_for_transformers(folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> str | None:
+def _peft_too_old_for_transformers(
+    folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str | None:
     try:  # transformers 5.24 and later ask for PEFT >= 0.22 in their own adapter API
         tf.Dinov2Model.from_pretrained(folders[0]).add_adapter(ReinConfig(token_length=2))
     except ValueError as error:
@@ -256,6 +283,7 @@ def _peft_too_old_for_transformers(folders: tuple[Path, Path], monkeypatch: pyte
 ERRORS = {
     "KeyError: 'REIN'": _rein_not_imported,
     "scipy missing": _scipy_missing,
+    "head of another label count, rein_peft": _head_mismatch_said_by_rein_peft,
     "head of another label count, PEFT": _head_mismatch_through_peft,
     "head of another label count, transformers": _head_mismatch_through_transformers,
     "Kernels are not available": _kernels_missing,
@@ -265,9 +293,9 @@ ERRORS = {
 
 @pytest.mark.parametrize("name", sorted(ERRORS))
 def test_troubleshooting_quotes_the_errors_word_for_word(
-    name: str, ten_label_adapter: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    name: str, ten_label_adapter: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    message = ERRORS[name](ten_label_adapter, monkeypatch)
+    message = ERRORS[name](ten_label_adapter, monkeypatch, tmp_path)
     if message is None:
         pytest.skip(f"transformers {tf.__version__} with these packages does not produce this error")
     quoted = {line.strip() for line in TROUBLESHOOTING.read_text(encoding="utf-8").splitlines()}

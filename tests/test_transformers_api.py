@@ -15,7 +15,7 @@ from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file
 
-from rein_peft import ReinConfig, ReinLayer
+from rein_peft import ReinConfig, ReinLayer, ReinStateDictError
 from rein_peft.auto_loading import saved_labels
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
@@ -218,7 +218,7 @@ HEAD_LABELS = {index: f"class {index}" for index in range(5)}
 def headless_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A backbone checkpoint with no labels of its own (transformers' default, 2), as facebook/dinov2-small is."""
     folder = tmp_path_factory.mktemp("headless") / "base"
-    tiny_dinov2(classifier=False).save_pretrained(folder)
+    tiny_dinov2(classifier=False, num_labels=2).save_pretrained(folder)
     tf.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
@@ -259,12 +259,20 @@ def test_an_adapter_folder_alone_builds_its_base_with_the_heads_labels(
     assert {prediction["label"] for prediction in classifier(_images(1)[0])} == set(HEAD_LABELS.values())
 
 
-def test_labels_given_by_the_caller_win_over_the_adapters(headless_base: Path, tmp_path: Path):
+def test_a_head_of_another_label_count_is_refused_naming_both_counts(headless_base: Path, tmp_path: Path):
     model = _five_class_model(headless_base)
     model.add_adapter(ReinConfig(token_length=6, modules_to_save=["classifier"]))
     model.save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own size-mismatch error
+    expected = r"trained for 5 labels .* has 2 \(config.num_labels\)\. .* from_pretrained\(\.\.\., num_labels=5\)"
+    with pytest.raises(ReinStateDictError, match=expected):  # labels given by the caller win over the adapter's
         tf.AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=2)
+    two_labels = tf.Dinov2ForImageClassification.from_pretrained(headless_base).eval()
+    before = {name: tensor.clone() for name, tensor in two_labels.state_dict().items()}
+    for load in (lambda: PeftModel.from_pretrained(two_labels, tmp_path), lambda: two_labels.load_adapter(tmp_path)):
+        with pytest.raises(ReinStateDictError, match=expected):
+            load()
+        assert not hasattr(two_labels, "peft_config") and two_labels.state_dict().keys() == before.keys()
+        assert all(torch.equal(tensor, before[name]) for name, tensor in two_labels.state_dict().items())
 
 
 def test_a_lora_adapter_folder_loads_as_without_rein_peft(headless_base: Path, tmp_path: Path):
