@@ -6,7 +6,8 @@ that model from its own config, then load the adapter. A task head saved with th
 classes then meets a base whose config says 2, and the load fails on the head's shape. A Rein adapter records the
 labels of the model it was added to (`ReinConfig.id2label`); `register_auto_loading` makes those entry points pass
 them to the base model's config when the folder holds a Rein adapter and the call sets no labels or config of its
-own. Other adapters and models load exactly as before.
+own. Other adapters and models load exactly as before; the one cost for them is that a call without labels looks
+for `adapter_config.json` once more (the lookup transformers itself makes next, through the same Hub cache).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file
 
+import rein_peft
 from rein_peft import ReinConfig, ReinLayer, ReinStateDictError
-from rein_peft.auto_loading import saved_labels
+from rein_peft.auto_loading import WRAPPED_MARK, saved_labels
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics
@@ -282,3 +283,12 @@ def test_a_lora_adapter_folder_loads_as_without_rein_peft(headless_base: Path, t
     assert saved_labels(str(tmp_path), {}) is None
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         tf.AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_registering_again_wraps_the_entry_points_once():
+    entry_points = (tf.AutoModelForImageClassification, tf.AutoModel, AutoPeftModel)
+    before = [owner.from_pretrained.__func__ for owner in entry_points]
+    rein_peft.register()
+    assert [owner.from_pretrained.__func__ for owner in entry_points] == before
+    assert all(getattr(function, WRAPPED_MARK) for function in before)
+    assert not hasattr(before[0].__wrapped__, WRAPPED_MARK)  # wrapped once, not twice
