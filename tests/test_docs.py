@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import transformers as tf
 from conftest import SIZES, tiny_dinov2, tiny_mask2former_config
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import CONFIG_NAME
+from test_convert import mmseg_checkpoint, official_state_dict
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 from transformers.utils import import_utils
 
@@ -61,6 +63,17 @@ HUB_MODELS: dict[str, Callable[[], tf.PreTrainedModel]] = {
 }
 # adapters the pages load from a user's Hub repo -> a tiny Rein adapter over "facebook/dinov2-small" (10 labels)
 HUB_ADAPTERS = ("<you>/<other-adapter>", "<you>/<name>")
+# files the pages read -> a stand-in of the same kind
+OFFICIAL_CHECKPOINT = "iter_40000.pth"  # an official Rein checkpoint: 100 tokens of rank 16 per layer of DINOv2-L's 24
+
+
+def _write_official_checkpoint(path: Path) -> None:
+    config = _dinov2_large().config
+    sizes = (config.num_hidden_layers, 100, config.hidden_size, 16)
+    torch.save(mmseg_checkpoint(official_state_dict(low_rank=True, linked=False, sizes=sizes)), path)
+
+
+FILES: dict[str, Callable[[Path], None]] = {OFFICIAL_CHECKPOINT: _write_official_checkpoint}
 # sizes the pages use that would make a block slow here -> the same call at a tiny size
 SIZES_IN_PAGES = {
     "hidden_sizes=[192, 384, 768, 1536], depths=[3, 3, 27, 3]": "hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 2, 1]",
@@ -101,7 +114,8 @@ def _python_pages() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def substitutes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Each Hub id of the pages -> a folder holding its tiny stand-in (with an image processor)."""
+    """Each Hub id of the pages -> a folder holding its tiny stand-in (with an image processor); each file -> its
+    stand-in."""
     root = tmp_path_factory.mktemp("docs_models")
     processor = tf.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     folders = {}
@@ -116,6 +130,9 @@ def substitutes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         adapter
     )
     folders.update(dict.fromkeys(HUB_ADAPTERS, str(adapter)))
+    for name, write in FILES.items():
+        write(root / name)
+        folders[name] = str(root / name)
     return folders
 
 
