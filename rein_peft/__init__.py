@@ -7,6 +7,7 @@ backbone (`Dinov2PyramidConfig`, `Dinov2PyramidBackbone`) with transformers' aut
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from .auto_loading import register_auto_loading
 from .config import ReinConfig, ReinPeftType
 from .convert import OfficialCheckpointError, convert_official_checkpoint, map_official_checkpoint
 from .dg_data import load_dg_dataset
@@ -29,13 +30,15 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Register Rein in PEFT's method tables and model cards, make failed adapter loads leave the model as it was
-    (see `rein_peft.rollback`), and register the pyramid backbone with transformers' auto classes. Runs on import;
+    (see `rein_peft.rollback`), let a Rein adapter folder loaded alone build its base with the head's labels (see
+    `rein_peft.auto_loading`), and register the pyramid backbone with transformers' auto classes. Runs on import;
     calling it again changes nothing."""
     PEFT_TYPE_TO_CONFIG_MAPPING[ReinPeftType.REIN] = ReinConfig
     PEFT_TYPE_TO_TUNER_MAPPING[ReinPeftType.REIN] = ReinModel
     PEFT_TYPE_TO_PREFIX_MAPPING[ReinPeftType.REIN] = ReinModel.prefix
     register_model_card()
     register_rollback()
+    register_auto_loading()
     register_pyramid()
 
 

@@ -76,6 +76,10 @@ class ReinConfig(PeftConfig):
         frozen_modules_follow_train: `False` (official behaviour): in `train()` mode the frozen base model stays in
             eval mode (no dropout, no drop-path) and only the adapter and `modules_to_save` train. `True`: the frozen
             modules follow `train()`.
+        id2label: The labels (id -> name) of the model the adapter was added to, filled in from its config when
+            `modules_to_save` holds a task head. An adapter folder loaded alone (transformers' auto classes,
+            `pipeline(model=folder)`, `AutoPeftModel`) builds its base model with these labels, so that the saved head
+            meets a head of its own size (see `rein_peft.auto_loading`).
     """
 
     token_length: int = field(default=100, metadata={"help": "Learnable tokens per layer (M)."})
@@ -105,6 +109,9 @@ class ReinConfig(PeftConfig):
     )
     frozen_modules_follow_train: bool = field(
         default=False, metadata={"help": "Let the frozen base model follow train() (default: stays in eval mode)."}
+    )
+    id2label: dict[str, str] | None = field(
+        default=None, metadata={"help": "Labels of the model the adapter was added to; None: filled in from it."}
     )
 
     def __post_init__(self) -> None:

@@ -115,6 +115,22 @@ def _refuse_unknown_modules_to_save(model: nn.Module, modules_to_save: list[str]
         )
 
 
+def _refuse_other_label_count(model: nn.Module, peft_config: ReinConfig) -> None:
+    # an adapter's saved head fits the labels it was trained for (recorded in `id2label`); PEFT would only report
+    # the head's tensor shapes once the weights are read
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if peft_config.id2label is None or num_labels is None or len(peft_config.id2label) == num_labels:
+        return
+    count = len(peft_config.id2label)
+    raise ReinStateDictError(
+        f"This Rein adapter's head (modules_to_save={peft_config.modules_to_save}) was trained for {count} labels "
+        f"(id2label in its adapter_config.json), but this {type(model).__name__} has {num_labels} "
+        f"(config.num_labels). Build the base model with them: from_pretrained(..., num_labels={count}), or load "
+        "the adapter folder alone with an auto class (AutoModelForImageClassification, AutoPeftModel) or a "
+        "pipeline, which use the adapter's labels."
+    )
+
+
 def _has_hook(module: nn.Module, hook_type: type) -> bool:
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return any(isinstance(hook, hook_type) for hook in hooks)
@@ -184,14 +200,27 @@ class ReinModel(BaseTuner):
             )
 
     def _prepare_adapter_config(self, peft_config: ReinConfig, model_config: dict) -> ReinConfig:
-        # target_modules=None means "the vision encoder's layers", resolved from the model in _prepare_model
+        # target_modules=None means "the vision encoder's layers", resolved from the model in _prepare_model.
+        # A saved task head fits the labels it was trained for: record them, so that an adapter folder loaded alone
+        # can build its base model with them (rein_peft.auto_loading)
+        if peft_config.id2label is None and peft_config.modules_to_save and model_config.get("id2label"):
+            peft_config.id2label = {str(index): label for index, label in model_config["id2label"].items()}
         return peft_config
 
     def _prepare_model(self, peft_config: ReinConfig, model: nn.Module) -> None:
+        _refuse_other_label_count(model, peft_config)
         _refuse_unknown_modules_to_save(model, peft_config.modules_to_save)
         refuse_quantized_modules_to_save(model, peft_config.modules_to_save)
         # read by _check_target_module_exists and _create_and_replace during this injection only
         self._injection: tuple[nn.Module, ReinTargets] = (model, discover(model, peft_config))
+        if peft_config.auto_mapping is None:
+            # the class AutoPeftModel builds; PeftModel.save_pretrained writes the same, transformers' save_pretrained
+            # writes the config as it is
+            model_class = type(model)
+            peft_config.auto_mapping = {
+                "base_model_class": model_class.__name__,
+                "parent_library": model_class.__module__,
+            }
 
     def _check_target_module_exists(self, peft_config: ReinConfig, key: str) -> bool:
         _, targets = self._injection

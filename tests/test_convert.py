@@ -18,30 +18,38 @@ pytestmark = pytest.mark.numerics
 LAYERS, TOKENS, HIDDEN, RANK, QUERY = 2, 6, 32, 4, 8
 
 
-def official_state_dict(low_rank: bool, linked: bool, with_scale: bool = True, seed: int = 0) -> dict:
-    """Tensors shaped and named as the official Reins / LoRAReins modules save them, inside an mmseg model."""
+def official_state_dict(
+    low_rank: bool,
+    linked: bool,
+    with_scale: bool = True,
+    seed: int = 0,
+    sizes: tuple[int, int, int, int] = (LAYERS, TOKENS, HIDDEN, RANK),
+) -> dict:
+    """Tensors shaped and named as the official Reins / LoRAReins modules save them, inside an mmseg model; `sizes`:
+    layers, tokens, width and rank."""
+    layers, tokens, hidden, rank = sizes
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator) * 0.5
 
     tensors = {
-        "mlp_token2feat.weight": rand(HIDDEN, HIDDEN),
-        "mlp_token2feat.bias": rand(HIDDEN),
-        "mlp_delta_f.weight": rand(HIDDEN, HIDDEN),
-        "mlp_delta_f.bias": rand(HIDDEN),
+        "mlp_token2feat.weight": rand(hidden, hidden),
+        "mlp_token2feat.bias": rand(hidden),
+        "mlp_delta_f.weight": rand(hidden, hidden),
+        "mlp_delta_f.bias": rand(hidden),
     }
     if with_scale:
         tensors["scale"] = torch.tensor(0.7)  # 0-dim, as in the official code
     if low_rank:
-        tensors["learnable_tokens_a"] = rand(LAYERS, TOKENS, RANK)
-        tensors["learnable_tokens_b"] = rand(LAYERS, RANK, HIDDEN)
+        tensors["learnable_tokens_a"] = rand(layers, tokens, rank)
+        tensors["learnable_tokens_b"] = rand(layers, rank, hidden)
     else:
-        tensors["learnable_tokens"] = rand(LAYERS, TOKENS, HIDDEN)
+        tensors["learnable_tokens"] = rand(layers, tokens, hidden)
     if linked:
         tensors.update(
             {
-                "transform.weight": rand(QUERY, HIDDEN),
+                "transform.weight": rand(QUERY, hidden),
                 "transform.bias": rand(QUERY),
                 "merge.weight": rand(QUERY, 3 * QUERY),
                 "merge.bias": rand(QUERY),
@@ -50,7 +58,8 @@ def official_state_dict(low_rank: bool, linked: bool, with_scale: bool = True, s
     return tensors
 
 
-def _mmseg_checkpoint(tensors: dict) -> dict:
+def mmseg_checkpoint(tensors: dict) -> dict:
+    """`tensors` as the official Rein module's in a checkpoint file of mmseg's layout."""
     state_dict = {f"backbone.reins.{name}": tensor for name, tensor in tensors.items()}
     state_dict["decode_head.conv_seg.weight"] = torch.zeros(3, 3)  # other parts of the segmentor are ignored
     return {"meta": {}, "state_dict": state_dict}
@@ -60,7 +69,7 @@ def _mmseg_checkpoint(tensors: dict) -> dict:
 @pytest.mark.parametrize("linked", [False, True])
 def test_converted_adapter_computes_the_official_numbers(tmp_path, low_rank, linked):
     tensors = official_state_dict(low_rank, linked)
-    torch.save(_mmseg_checkpoint(tensors), tmp_path / "iter_40000.pth")
+    torch.save(mmseg_checkpoint(tensors), tmp_path / "iter_40000.pth")
     torch.manual_seed(0)
     base = tiny_dinov2(classifier=False)
     reference_model = copy.deepcopy(base)

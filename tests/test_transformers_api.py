@@ -13,11 +13,13 @@ import torch
 import transformers as tf
 from conftest import FLOAT32_RTOL, pixels, randomize_adapter, relative_error, tiny_dinov2
 from packaging.version import Version
-from peft import AutoPeftModel, PeftModel, get_peft_model
+from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file
 
-from rein_peft import ReinConfig, ReinLayer
+import rein_peft
+from rein_peft import ReinConfig, ReinLayer, ReinStateDictError
+from rein_peft.auto_loading import WRAPPED_MARK, saved_labels
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics
@@ -237,3 +239,85 @@ def test_pipeline_from_an_adapter_folder_and_from_a_peft_model(folders: Folders)
     processor = tf.AutoImageProcessor.from_pretrained(folders.base)
     by_model = tf.pipeline("image-classification", model=peft_model, image_processor=processor, top_k=3)
     _assert_same_predictions(by_model(images), expected)
+
+
+HEAD_LABELS = {index: f"class {index}" for index in range(5)}
+
+
+@pytest.fixture(scope="module")
+def headless_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A backbone checkpoint with no labels of its own (transformers' default, 2), as facebook/dinov2-small is."""
+    folder = tmp_path_factory.mktemp("headless") / "base"
+    tiny_dinov2(classifier=False, num_labels=2).save_pretrained(folder)
+    tf.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _five_class_model(base: Path) -> tf.Dinov2ForImageClassification:
+    label2id = {name: index for index, name in HEAD_LABELS.items()}
+    return tf.Dinov2ForImageClassification.from_pretrained(base, id2label=HEAD_LABELS, label2id=label2id).eval()
+
+
+@pytest.mark.parametrize("saved_by", ["transformers", "peft"])
+def test_an_adapter_folder_alone_builds_its_base_with_the_heads_labels(
+    headless_base: Path, tmp_path: Path, saved_by: str
+):
+    # docs/transformers.md: a 5-class head trained over a backbone whose config says 2 labels, saved either way,
+    # loads from its folder alone through the auto classes, AutoPeftModel and a pipeline
+    config = ReinConfig(token_length=6, lora_dim=2, modules_to_save=["classifier"])
+    if saved_by == "transformers":
+        model = _five_class_model(headless_base)
+        model.add_adapter(config)
+    else:
+        model = get_peft_model(_five_class_model(headless_base), config)
+    randomize_adapter(model, seed=3)
+    model.save_pretrained(tmp_path)
+    saved = ReinConfig.from_pretrained(tmp_path)
+    assert saved.id2label == {str(index): name for index, name in HEAD_LABELS.items()}
+    assert saved.auto_mapping["base_model_class"] == "Dinov2ForImageClassification"
+
+    inputs = pixels(3)
+    expected = logits_of(PeftModel.from_pretrained(_five_class_model(headless_base), tmp_path), inputs)
+    auto = tf.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    auto_peft = AutoPeftModel.from_pretrained(tmp_path).eval()
+    classifier = tf.pipeline("image-classification", model=str(tmp_path), top_k=5)
+    assert auto.config.id2label == auto_peft.config.id2label == classifier.model.config.id2label == HEAD_LABELS
+    errors = {"AutoModel": relative_error(logits_of(auto, inputs), expected)}
+    errors["AutoPeftModel"] = relative_error(logits_of(auto_peft, inputs), expected)
+    errors["pipeline"] = relative_error(logits_of(classifier.model, inputs), expected)
+    assert all(error <= FLOAT32_RTOL for error in errors.values()), errors
+    assert {prediction["label"] for prediction in classifier(_images(1)[0])} == set(HEAD_LABELS.values())
+
+
+def test_a_head_of_another_label_count_is_refused_naming_both_counts(headless_base: Path, tmp_path: Path):
+    model = _five_class_model(headless_base)
+    model.add_adapter(ReinConfig(token_length=6, modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path)
+    expected = r"trained for 5 labels .* has 2 \(config.num_labels\)\. .* from_pretrained\(\.\.\., num_labels=5\)"
+    with pytest.raises(ReinStateDictError, match=expected):  # labels given by the caller win over the adapter's
+        tf.AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=2)
+    two_labels = tf.Dinov2ForImageClassification.from_pretrained(headless_base).eval()
+    before = {name: tensor.clone() for name, tensor in two_labels.state_dict().items()}
+    for load in (lambda: PeftModel.from_pretrained(two_labels, tmp_path), lambda: two_labels.load_adapter(tmp_path)):
+        with pytest.raises(ReinStateDictError, match=expected):
+            load()
+        assert not hasattr(two_labels, "peft_config") and two_labels.state_dict().keys() == before.keys()
+        assert all(torch.equal(tensor, before[name]) for name, tensor in two_labels.state_dict().items())
+
+
+def test_a_lora_adapter_folder_loads_as_without_rein_peft(headless_base: Path, tmp_path: Path):
+    # only Rein adapters record and restore labels: a LoRA folder meets the base's default 2 labels, as it always did
+    lora = LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"])
+    get_peft_model(_five_class_model(headless_base), lora).save_pretrained(tmp_path)
+    assert saved_labels(str(tmp_path), {}) is None
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        tf.AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_registering_again_wraps_the_entry_points_once():
+    entry_points = (tf.AutoModelForImageClassification, tf.AutoModel, AutoPeftModel)
+    before = [owner.from_pretrained.__func__ for owner in entry_points]
+    rein_peft.register()
+    assert [owner.from_pretrained.__func__ for owner in entry_points] == before
+    assert all(getattr(function, WRAPPED_MARK) for function in before)
+    assert not hasattr(before[0].__wrapped__, WRAPPED_MARK)  # wrapped once, not twice
