@@ -147,6 +147,7 @@ BACKBONE_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
     (r"cls_token", "embeddings.cls_token"),
     (r"mask_token", "embeddings.mask_token"),
     (r"pos_embed", "embeddings.position_embeddings"),
+    (r"register_tokens", "embeddings.register_tokens"),  # DINOv2 with registers (dinov2_vit*14_reg4)
     (r"patch_embed\.proj\.(?P<p>weight|bias)", "embeddings.patch_embeddings.projection.{p}"),
     (r"blocks\.(?P<i>\d+)\.(?P<m>norm1|norm2)\.(?P<p>weight|bias)", "encoder.layer.{i}.{m}.{p}"),
     (
