@@ -34,7 +34,7 @@ from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversa
 from .config import ReinConfig
 from .convert import OFFICIAL_BACKBONE_PREFIX, OFFICIAL_MODULE_NAME, convert_official_checkpoint, read_checkpoint
 from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
-from .pyramid import OFFICIAL_FEATURE_SCALES, Dinov2PyramidBackbone, Dinov2PyramidConfig
+from .pyramid import OFFICIAL_FEATURE_SCALES, PYRAMID_MODEL_TYPE, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
 # DINOv2-L at patch 16 on 512x512 crops: the official backbone (`_base_/models/rein_dinov2_mask2former.py`)
 OFFICIAL_BACKBONE = {
@@ -251,6 +251,13 @@ def build_official_segmenter(
                 "head only), so the segmenter needs backbone=: the official DINOv2 at patch 16, e.g. from "
                 "`python -m rein_peft.convert_dinov2 dinov2_vitl14_pretrain.pth dinov2-large-p16 --patch-size 16`."
             )
+    if backbone is not None:
+        model_type = Dinov2Config.get_config_dict(backbone)[0].get("model_type")
+        if model_type not in (Dinov2Config.model_type, PYRAMID_MODEL_TYPE):
+            raise ValueError(
+                f"The checkpoint '{backbone}' is a {model_type!r} model; the official segmenter's backbone is a "
+                "plain DINOv2 (model_type 'dinov2', no register tokens)."
+            )
     if config is None:
         config = official_segmenter_config(backbone, num_labels=num_labels)
     elif not isinstance(config.backbone_config, Dinov2PyramidConfig):
@@ -259,12 +266,6 @@ def build_official_segmenter(
             " Build the config with `rein_peft.official_segmenter_config(...)`."
         )
     if backbone is not None:
-        model_type = Dinov2Config.get_config_dict(backbone)[0].get("model_type")
-        if model_type not in (Dinov2Config.model_type, config.backbone_config.model_type):
-            raise ValueError(
-                f"The checkpoint '{backbone}' is a {model_type!r} model; the official segmenter's backbone is a "
-                "plain DINOv2 (model_type 'dinov2', no register tokens)."
-            )
         checkpoint_patch = _patch_size(Dinov2Config.from_pretrained(backbone))
         backbone_patch = _patch_size(config.backbone_config)
         if checkpoint_patch != backbone_patch:

@@ -311,6 +311,12 @@ def test_a_released_checkpoint_needs_its_backbone_and_no_method(tmp_path):
         build_official_segmenter(checkpoint=released_file(tmp_path, released), method="rein")
 
 
+def test_the_official_segmenter_refuses_a_backbone_with_registers(tmp_path):
+    convert_dinov2_checkpoint(official_dinov2(64, layers=4, grid=4, patch=8, registers=2), tmp_path / "reg")
+    with pytest.raises(ValueError, match=r"is a 'dinov2_with_registers' model; .* no register tokens"):
+        build_official_segmenter(tmp_path / "reg", num_labels=CLASSES, method="frozen")
+
+
 def released_file(tmp_path, state_dict: dict) -> str:
     path = tmp_path / "iter_40000_published.pth"
     torch.save({"meta": {}, "state_dict": state_dict}, path)
