@@ -548,7 +548,8 @@ def convert_official_checkpoint(
     `Mask2FormerForUniversalSegmentation`, its decode head (and DINOv2 weights, if it has them) too.
 
     Args:
-        checkpoint: Path of an official checkpoint (`.pth` from mmengine, or `.safetensors`), or a state dict: the
+        checkpoint: Path of an official checkpoint (`.pth` as mmengine writes it, read safely by `read_checkpoint`:
+            nothing in it is imported or run; or `.safetensors`), or a state dict: the
             segmentor's (`backbone.reins.*`, `decode_head.*`, `backbone.*` keys) or the `Reins` module's own
             (`learnable_tokens`, `scale`, ...). Full-rank (`Reins`) and low-rank (`LoRAReins`) tokens, with or
             without `transform` / `merge`.
