@@ -33,6 +33,7 @@ from .convert import (
     _rename,
     read_checkpoint,
 )
+from .official import OFFICIAL_BACKBONE
 from .pyramid import resize_patch_embedding
 
 # every official DINOv2 (ViT-S/14 384 wide, B 768, L 1024, g 1536) has attention heads 64 wide
@@ -203,7 +204,8 @@ def convert_dinov2_checkpoint(
         patch_size: Resize the patch kernel and the position grid to this patch size (16 for the official Rein
             backbone), bicubic as the official conversion (`rein_peft.resize_patch_embedding`); default: the
             checkpoint's (14 for the released DINOv2, 16 for the official conversion).
-        image_size: The image side of the resized position grid (default 512 when resizing, the official crop).
+        image_size: The image side of the resized position grid (default: 512, the official crop, when the patch
+            size changes; else the checkpoint's).
         num_attention_heads: Heads per layer; default hidden size / 64, as in every official DINOv2.
 
     Returns:
@@ -230,9 +232,11 @@ def convert_dinov2_checkpoint(
             f"({mapping.config.hidden_size} wide, {mapping.config.num_hidden_layers} layers): {problems[:10]}."
         )
     model.load_state_dict(mapping.tensors, strict=True)
-    if patch_size is not None or image_size is not None:
-        patch_size = patch_size or mapping.config.patch_size
-        model = resize_patch_embedding(model, patch_size=patch_size, image_size=image_size or 512)
+    patch_size = patch_size or mapping.config.patch_size
+    if image_size is None and patch_size != mapping.config.patch_size:
+        image_size = OFFICIAL_BACKBONE["image_size"]  # 512, the official crop
+    if image_size is not None and (patch_size, image_size) != (mapping.config.patch_size, mapping.config.image_size):
+        model = resize_patch_embedding(model, patch_size=patch_size, image_size=image_size)
     if save_directory is not None:
         model.save_pretrained(save_directory)
     return model
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="official DINOv2 file (.pth, .safetensors): dinov2_vitl14_pretrain.pth")
     parser.add_argument("output_dir", help="folder the transformers model is written to")
     parser.add_argument("--patch-size", type=int, help="resize to this patch size (official Rein: 16); default: keep")
-    parser.add_argument("--image-size", type=int, help="image side of the resized position grid (default 512)")
+    parser.add_argument("--image-size", type=int, help="image side of the position grid (512 if the patch changes)")
     parser.add_argument("--num-attention-heads", type=int, help="heads per layer (default: width / 64)")
     args = parser.parse_args(argv)
     try:

@@ -222,6 +222,9 @@ def test_the_official_rein_conversion_and_resizing_here_agree(tmp_path):
     resized_here = convert_dinov2_checkpoint(official, patch_size=16, image_size=64, num_attention_heads=1)
 
     assert (already.config.patch_size, already.config.image_size) == (16, 64)
+    unchanged = convert_dinov2_checkpoint(official, patch_size=14, num_attention_heads=1)  # its own patch: kept
+    assert (unchanged.config.patch_size, unchanged.config.image_size) == (14, 70)
+    assert torch.equal(unchanged.embeddings.position_embeddings, official["pos_embed"])
     assert (resized_here.config.patch_size, resized_here.config.image_size) == (16, 64)
     ours, theirs = resized_here.state_dict(), already.state_dict()
     assert ours.keys() == theirs.keys()
