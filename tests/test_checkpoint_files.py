@@ -81,8 +81,12 @@ def test_an_mmengine_checkpoint_loads_as_inert_data_without_importing_anything(t
     for name in ("scalar", "_reconstruct"):
         monkeypatch.setattr(np._core.multiarray, name, lambda *args: pytest.fail("numpy was called"))
     assert "mmengine" not in sys.modules
+    allowed_before = torch.serialization.get_safe_globals()
 
     loaded = load_checkpoint(tmp_path / "iter_40000.pth")
+
+    # the placeholders were allowed for this load only
+    assert set(torch.serialization.get_safe_globals()) == set(allowed_before)
 
     assert "mmengine" not in sys.modules  # nothing the file names was imported
     buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
@@ -139,6 +143,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path, hostile, where):
     else:
         state_dict["backbone.reins.scale"] = hostile(marker)
     torch.save(checkpoint, tmp_path / "hostile.pth")
+    allowed_before = set(torch.serialization.get_safe_globals())
     called = "posix.system" if hostile is RunsShellCommand else "builtins.exec"
 
     with pytest.raises(UnsafeCheckpointError, match=called.replace(".", r"\.")):
@@ -147,6 +152,16 @@ def test_a_file_that_would_run_code_is_refused(tmp_path, hostile, where):
         convert_official_checkpoint(tmp_path / "hostile.pth", tiny_dinov2(classifier=False))
     assert called in str(error.value)
     assert not marker.exists()
+    assert set(torch.serialization.get_safe_globals()) == allowed_before
+
+
+def test_a_legacy_format_file_loads_with_pytorchs_allow_list(tmp_path):
+    state_dict = _mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
+    torch.save({"state_dict": state_dict}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert read_checkpoint(tmp_path / "legacy.pth").keys() == state_dict.keys()
+    torch.save({"meta": {"seed": np.int64(3)}}, tmp_path / "legacy_numpy.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match=r"numpy\._core\.multiarray\.scalar"):
+        load_checkpoint(tmp_path / "legacy_numpy.pth")
 
 
 def test_an_unknown_object_in_the_state_dict_is_not_taken_for_a_tensor(tmp_path, monkeypatch):
