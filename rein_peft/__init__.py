@@ -10,6 +10,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from .auto_loading import register_auto_loading
 from .config import ReinConfig, ReinPeftType
 from .convert import OfficialCheckpointError, convert_official_checkpoint, map_official_checkpoint
+from .convert_dinov2 import convert_dinov2_checkpoint
 from .dg_data import load_dg_dataset
 from .discovery import ReinUnsupportedModelError
 from .evaluation import slide_inference
@@ -58,6 +59,7 @@ __all__ = [
     "MissingExtraError",
     "build_official_segmenter",
     "check_label_maps",
+    "convert_dinov2_checkpoint",
     "convert_official_checkpoint",
     "create_rein_optimizer",
     "gather_adapter_state_dict",

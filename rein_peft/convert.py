@@ -25,6 +25,7 @@ from .compat import peft_deprecations_silenced
 from .config import ReinConfig
 from .model import _tensor_stem
 from .rollback import unchanged_on_failure
+from .safe_load import UnsafeCheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ OFFICIAL_TO_REIN_PEFT = {
     "merge.bias": "rein_merge.bias",
 }
 OFFICIAL_MODULE_NAME = "reins"
+# mmengine saves {"meta", "state_dict", "message_hub", "optimizer", "param_schedulers"}: the weights are here
+MMENGINE_WEIGHTS = "state_dict"
 OFFICIAL_HEAD_PREFIX = "decode_head."
 OFFICIAL_BACKBONE_PREFIX = "backbone."
 # mmseg's SegDataPreProcessor: the normalisation constants, if a checkpoint keeps them
@@ -145,6 +148,7 @@ BACKBONE_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
     (r"cls_token", "embeddings.cls_token"),
     (r"mask_token", "embeddings.mask_token"),
     (r"pos_embed", "embeddings.position_embeddings"),
+    (r"register_tokens", "embeddings.register_tokens"),  # DINOv2 with registers (dinov2_vit*14_reg4)
     (r"patch_embed\.proj\.(?P<p>weight|bias)", "embeddings.patch_embeddings.projection.{p}"),
     (r"blocks\.(?P<i>\d+)\.(?P<m>norm1|norm2)\.(?P<p>weight|bias)", "encoder.layer.{i}.{m}.{p}"),
     (
@@ -218,15 +222,127 @@ def _rename(name: str, rules: tuple[tuple[re.Pattern, tuple[str, ...]], ...]) ->
     return None
 
 
-def _read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: a state dict, a `.safetensors` file, or a `.pth` file read safely.
+
+    A `.pth` file is read by `rein_peft.safe_load.load_checkpoint`: `weights_only=True`, nothing it names imported or
+    called, mmengine's `meta` / `message_hub` / optimizer state loaded as inert data and dropped. mmengine keeps the
+    weights under "state_dict"; a plain state dict is taken as it is.
+
+    Raises:
+        OfficialCheckpointError: The file cannot be read safely (it would run code when loaded), or its state dict
+            holds something other than tensors.
+    """
     if isinstance(checkpoint, Mapping):
-        state_dict = dict(checkpoint)
+        state_dict = checkpoint
     elif str(checkpoint).endswith(".safetensors"):
         state_dict = load_file(os.fspath(checkpoint))
     else:
-        state_dict = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
-    # mmengine checkpoints keep the weights under "state_dict", next to "meta" and optimizer state
-    return dict(state_dict.get("state_dict", state_dict))
+        try:
+            state_dict = load_checkpoint(checkpoint)
+        except UnsafeCheckpointError as error:
+            raise OfficialCheckpointError(
+                f"'{os.fspath(checkpoint)}' was not loaded: {error}. rein_peft reads checkpoints with PyTorch's "
+                "weights_only unpickler and never runs code from a file; a released Rein checkpoint holds tensors, "
+                "numbers and mmengine's bookkeeping only. Get the file from its official source."
+            ) from None
+    if isinstance(state_dict, Mapping) and MMENGINE_WEIGHTS in state_dict:
+        state_dict = state_dict[MMENGINE_WEIGHTS]
+    if not isinstance(state_dict, Mapping):
+        raise OfficialCheckpointError(
+            f"The checkpoint holds a {type(state_dict).__name__}, not a state dict (a mapping of names to tensors, "
+            f"or mmengine's dict with the weights under '{MMENGINE_WEIGHTS}')."
+        )
+    others = {key: type(value).__name__ for key, value in state_dict.items() if not isinstance(value, torch.Tensor)}
+    if others:
+        raise OfficialCheckpointError(
+            f"The checkpoint's state dict holds {len(others)} value(s) that are not tensors: "
+            f"{dict(list(others.items())[:10])}. Every entry of a state dict must be a tensor"
+            + (
+                "; Rein's `scale` is the 0-dim tensor the official code saves: pass torch.tensor(value)."
+                if any(key.split(".")[-1] == "scale" for key in others)
+                else "."
+            )
+        )
+    return dict(state_dict)
+
+
+def _check_rein_tensors(tensors: Mapping[str, torch.Tensor], keys: Mapping[str, str]) -> None:
+    """Check the official Rein tensors (by official name; `keys` gives each one's key in the checkpoint) against the
+    shapes the official `Reins` / `LoRAReins` modules save, before any of them is used.
+
+    Raises:
+        OfficialCheckpointError: Naming the official key, the shape it should have and what to do.
+    """
+    problems = []
+
+    prefix = next((full_key[: -len(name)] for name, full_key in keys.items()), "")  # "backbone.reins." or ""
+
+    def key(name: str) -> str:
+        return keys.get(name, prefix + name)
+
+    low_rank = "learnable_tokens_a" in tensors or "learnable_tokens_b" in tensors
+    token_names = ("learnable_tokens_a", "learnable_tokens_b") if low_rank else ("learnable_tokens",)
+    for name in token_names:
+        if name not in tensors:
+            problems.append(
+                f"'{key(name)}' is missing: the official Reins saves 'learnable_tokens' [layers, tokens, width], "
+                "LoRAReins 'learnable_tokens_a' [layers, tokens, rank] and 'learnable_tokens_b' [layers, rank, width]"
+            )
+    # every shape as a pattern of sizes: names stand for sizes that must agree across tensors
+    expected = {
+        "learnable_tokens": ("layers", "tokens", "width"),
+        "learnable_tokens_a": ("layers", "tokens", "rank"),
+        "learnable_tokens_b": ("layers", "rank", "width"),
+        "scale": (),
+        "mlp_token2feat.weight": ("width", "width"),
+        "mlp_token2feat.bias": ("width",),
+        "mlp_delta_f.weight": ("width", "width"),
+        "mlp_delta_f.bias": ("width",),
+        "transform.weight": ("queries", "width"),
+        "transform.bias": ("queries",),
+        "merge.weight": ("queries", "3 * queries"),
+        "merge.bias": ("queries",),
+    }
+    sizes: dict[str, int] = {}
+    for name, pattern in expected.items():
+        if name not in tensors:
+            continue
+        tensor = tensors[name]
+        shape = list(tensor.shape)
+        if name == "scale" and shape == [1]:  # rein_peft's own form of the 0-dim parameter
+            shape = []
+        if not tensor.is_floating_point():
+            problems.append(f"'{key(name)}' holds {tensor.dtype} values; Rein's tensors are floating point")
+        if len(shape) != len(pattern):
+            problems.append(
+                f"'{key(name)}' has shape {shape}, expected {list(pattern)}"
+                + (" (0-dim: the official Reins' one learned scale)" if name == "scale" else "")
+            )
+            continue
+        for size, symbol in zip(shape, pattern, strict=True):
+            factor, base = (3, symbol.removeprefix("3 * ")) if symbol.startswith("3 * ") else (1, symbol)
+            if base not in sizes and size % factor == 0:
+                sizes[base] = size // factor
+            if size != factor * sizes.get(base, -1):
+                agreed = ", ".join(f"{symbol}={value}" for symbol, value in sizes.items())
+                problems.append(
+                    f"'{key(name)}' has shape {shape}, expected {list(pattern)} with {agreed} as the other Rein "
+                    "tensors say"
+                )
+                break
+    linked = {name for name in ("transform.weight", "transform.bias", "merge.weight", "merge.bias") if name in tensors}
+    if linked and len(linked) != 4:
+        problems.append(
+            f"query linking needs 'transform.weight', 'transform.bias', 'merge.weight' and 'merge.bias', the "
+            f"checkpoint has only {sorted(linked)}"
+        )
+    if problems:
+        raise OfficialCheckpointError(
+            "The official Rein tensors are not what the official Reins / LoRAReins save: "
+            + "; ".join(problems)
+            + ". Pass the checkpoint as the official code wrote it (its `state_dict`), unchanged."
+        )
 
 
 def _dinov2_prefix(model_state: Mapping[str, torch.Tensor]) -> str | None:
@@ -279,15 +395,17 @@ def map_official_checkpoint(
         An `OfficialCheckpointMapping`: every tensor of the checkpoint is in exactly one of its tables.
 
     Raises:
-        OfficialCheckpointError: For tensors no rule knows, shapes or sizes the model does not share (naming the
-            config field to set), or model tensors of the head or backbone that the checkpoint leaves unset.
+        OfficialCheckpointError: For a file that cannot be read safely, Rein tensors missing or not shaped as the
+            official code saves them (named by their official keys), tensors no rule knows, shapes or sizes the model
+            does not share (naming the config field to set), or model tensors of the head or backbone that the
+            checkpoint leaves unset.
     """
-    state_dict = _read_checkpoint(checkpoint)
+    state_dict = read_checkpoint(checkpoint)
     mapping = OfficialCheckpointMapping()
     whole = isinstance(base_model, Mask2FormerForUniversalSegmentation)
     model_state = base_model.state_dict()
     dinov2_prefix = _dinov2_prefix(model_state)
-    head, backbone, unknown, problems = {}, {}, [], []
+    head, backbone, unknown, problems, rein_keys = {}, {}, [], [], {}
     for key, tensor in state_dict.items():
         parts = key.split(".")
         if OFFICIAL_MODULE_NAME in parts:  # a whole segmentor: "backbone.reins.learnable_tokens"
@@ -295,8 +413,10 @@ def map_official_checkpoint(
             if official_name not in OFFICIAL_TO_REIN_PEFT:
                 raise OfficialCheckpointError(f"Unknown Rein tensor '{key}' in the official checkpoint.")
             mapping.rein_tensors[official_name] = tensor
+            rein_keys[official_name] = key
         elif key in OFFICIAL_TO_REIN_PEFT:  # the Reins module's own state dict
             mapping.rein_tensors[key] = tensor
+            rein_keys[key] = key
         elif not whole:
             mapping.unused[key] = (
                 f"{type(base_model).__name__} takes Rein's tensors only; convert into a "
@@ -314,6 +434,7 @@ def map_official_checkpoint(
         raise OfficialCheckpointError(
             f"The checkpoint has no '{OFFICIAL_MODULE_NAME}.*' tensors; is it a checkpoint of the official Rein code?"
         )
+    _check_rein_tensors(mapping.rein_tensors, rein_keys)
     linked = "transform.weight" in mapping.rein_tensors
     if linked and "query_feat.weight" in head:
         raise OfficialCheckpointError(
@@ -428,7 +549,8 @@ def convert_official_checkpoint(
     `Mask2FormerForUniversalSegmentation`, its decode head (and DINOv2 weights, if it has them) too.
 
     Args:
-        checkpoint: Path of an official checkpoint (`.pth` from mmengine, or `.safetensors`), or a state dict: the
+        checkpoint: Path of an official checkpoint (`.pth` as mmengine writes it, read safely by `read_checkpoint`:
+            nothing in it is imported or run; or `.safetensors`), or a state dict: the
             segmentor's (`backbone.reins.*`, `decode_head.*`, `backbone.*` keys) or the `Reins` module's own
             (`learnable_tokens`, `scale`, ...). Full-rank (`Reins`) and low-rank (`LoRAReins`) tokens, with or
             without `transform` / `merge`.

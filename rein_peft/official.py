@@ -4,7 +4,8 @@
 rein_dinov2_mask2former.py`): DINOv2-L at patch 16 on 512x512 crops, Rein (100 low-rank tokens of rank 16, with query
 linking) after all 24 layers, the refined outputs of layers 8, 12, 16 and 24 (1-based) without the final norm resized
 by x4, x2, x1, x0.5, and a Mask2Former whose queries come from Rein's tokens. `official_segmenter_config` builds the
-transformers config, `build_official_segmenter` the model with a backbone checkpoint and a training method.
+transformers config, `build_official_segmenter` the model with a backbone checkpoint and a training method, or with a
+released Rein checkpoint (`checkpoint=`) to run it.
 
 How transformers' Mask2Former is matched to mmdetection's (the official head):
 - decoder layers: transformers' `decoder_layers` counts the prediction made from the queries before any layer, as
@@ -32,9 +33,10 @@ from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversa
 
 from .compat import peft_deprecations_silenced
 from .config import ReinConfig
+from .convert import OFFICIAL_BACKBONE_PREFIX, OFFICIAL_MODULE_NAME, convert_official_checkpoint, read_checkpoint
 from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
 from .extras import require
-from .pyramid import OFFICIAL_FEATURE_SCALES, Dinov2PyramidBackbone, Dinov2PyramidConfig
+from .pyramid import OFFICIAL_FEATURE_SCALES, PYRAMID_MODEL_TYPE, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
 # DINOv2-L at patch 16 on 512x512 crops: the official backbone (`_base_/models/rein_dinov2_mask2former.py`)
 OFFICIAL_BACKBONE = {
@@ -194,10 +196,12 @@ def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.
 def build_official_segmenter(
     backbone: str | os.PathLike | None = None,
     num_labels: int = 19,
-    method: str = "rein",
+    method: str | None = None,
     config: Mask2FormerConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """Build the official Rein segmenter (or a baseline with the same segmenter) ready to train.
+    """Build the official Rein segmenter (or a baseline with the same segmenter) ready to train, or a released Rein
+    checkpoint on it, ready to run.
 
     Example:
         ```py
@@ -205,29 +209,61 @@ def build_official_segmenter(
         >>> rein_peft.resize_patch_embedding("facebook/dinov2-large").save_pretrained("dinov2-large-p16")
         >>> model = rein_peft.build_official_segmenter("dinov2-large-p16", num_labels=19)
         >>> model.print_trainable_parameters()  # Rein's 2,990,081 + the head
+        >>> released = rein_peft.build_official_segmenter("dinov2-large-p16", checkpoint="iter_40000_published.pth")
         ```
 
     Args:
-        backbone: A DINOv2 checkpoint at patch 16 (name or folder; resize a released DINOv2 with
-            `resize_patch_embedding` or `python -m rein_peft.resize_backbone` first), whose weights are loaded into
-            the pyramid backbone. `None`: random weights (for shape checks and timing).
+        backbone: A DINOv2 checkpoint at patch 16 (name or folder; convert the official DINOv2 file with
+            `convert_dinov2_checkpoint` / `python -m rein_peft.convert_dinov2`, or resize a transformers DINOv2 with
+            `resize_patch_embedding` / `python -m rein_peft.resize_backbone`), whose weights are loaded into the
+            pyramid backbone. `None`: random weights (for shape checks and timing), or the checkpoint's own DINOv2
+            weights if `checkpoint` has them.
         num_labels: Classes of the dataset (19 for Cityscapes train ids); with `config`, the config's count is used.
-        method: "rein" (Rein with 100 low-rank tokens of rank 16 after every layer, its tokens linked to the
-            decoder's queries, the head trained with it), "rein_full_rank" (the same with full-rank tokens), "frozen"
-            (frozen backbone, the decoder trains), "full" (everything trains) or "lora" (PEFT LoRA r=16 on
-            query/value, and the head).
+        method: How the segmenter trains (default "rein"): "rein" (Rein with 100 low-rank tokens of rank 16 after
+            every layer, its tokens linked to the decoder's queries, the head trained with it), "rein_full_rank" (the
+            same with full-rank tokens), "frozen" (frozen backbone, the decoder trains), "full" (everything trains) or
+            "lora" (PEFT LoRA r=16 on query/value, and the head). Leave it unset with `checkpoint`.
         config: The segmenter's config; default `official_segmenter_config(backbone, num_labels)`. Pass a scaled-down
             one for tests.
+        checkpoint: A released checkpoint of the official Rein code (`iter_40000_published.pth`: Rein and the
+            Mask2Former head, mmengine's file read safely) converted onto the segmenter with
+            `convert_official_checkpoint`: the adapter and the head are the checkpoint's, as trained.
 
     Returns:
-        A `PeftModel` for "rein", "rein_full_rank" and "lora", else the `Mask2FormerForUniversalSegmentation`.
+        A `PeftModel` for "rein", "rein_full_rank", "lora" and a `checkpoint`, else the
+        `Mask2FormerForUniversalSegmentation`.
 
     Raises:
         MissingExtraError: scipy is missing (`pip install "rein-peft[segmentation]"`), checked before any work.
+        ValueError: For an unknown method, a method with a checkpoint, a backbone checkpoint that does not fit, or
+            a released checkpoint without DINOv2 weights and no `backbone` (`OfficialCheckpointError` for one that
+            does not fit the segmenter).
     """
+    if checkpoint is not None and method is not None:
+        raise ValueError(
+            f"A released checkpoint brings the adapter it was trained with; method={method!r} would build another. "
+            "Leave method unset to run the checkpoint, or leave checkpoint unset to train with a method."
+        )
+    method = "rein" if method is None else method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     require("scipy", purpose="The official segmenter's Mask2Former (its loss matches predictions to labels)")
+    state_dict = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if state_dict is not None and backbone is None:
+        dinov2 = [key for key in state_dict if key.startswith(OFFICIAL_BACKBONE_PREFIX)]
+        if all(OFFICIAL_MODULE_NAME in key.split(".") for key in dinov2):
+            raise ValueError(
+                f"The checkpoint '{checkpoint}' holds no DINOv2 weights (the released checkpoints keep Rein and the "
+                "head only), so the segmenter needs backbone=: the official DINOv2 at patch 16, e.g. from "
+                "`python -m rein_peft.convert_dinov2 dinov2_vitl14_pretrain.pth dinov2-large-p16 --patch-size 16`."
+            )
+    if backbone is not None:
+        model_type = Dinov2Config.get_config_dict(backbone)[0].get("model_type")
+        if model_type not in (Dinov2Config.model_type, PYRAMID_MODEL_TYPE):
+            raise ValueError(
+                f"The checkpoint '{backbone}' is a {model_type!r} model; the official segmenter's backbone is a "
+                "plain DINOv2 (model_type 'dinov2', no register tokens)."
+            )
     if config is None:
         config = official_segmenter_config(backbone, num_labels=num_labels)
     elif not isinstance(config.backbone_config, Dinov2PyramidConfig):
@@ -256,6 +292,8 @@ def build_official_segmenter(
                 "DINOv2 checkpoint of the backbone's size?"
             )
         model.get_submodule(BACKBONE_MODULE).load_state_dict(pretrained.state_dict())
+    if state_dict is not None:
+        return convert_official_checkpoint(state_dict, model)
     return apply_method(model, method)
 
 

@@ -10,7 +10,7 @@ from conftest import assert_same_numbers, tiny_dinov2
 from peft import PeftModel
 from reference import ReferenceRein
 
-from rein_peft import convert_official_checkpoint
+from rein_peft import OfficialCheckpointError, convert_official_checkpoint
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics
@@ -116,3 +116,57 @@ def test_checkpoint_for_another_depth_is_refused():
 def test_checkpoint_without_rein_tensors_is_refused():
     with pytest.raises(ValueError, match="no 'reins.\\*' tensors"):
         convert_official_checkpoint({"backbone.blocks.0.weight": torch.zeros(1)}, tiny_dinov2(classifier=False))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"scale": torch.tensor([0.7, 0.7])},
+            r"'backbone\.reins\.scale' has shape \[2\], expected \[\] \(0-dim: the official Reins' one "
+            r"learned scale\)",
+        ),
+        ({"scale": 0.7}, r"'backbone\.reins\.scale': 'float'.*pass torch\.tensor\(value\)"),
+        (
+            {"learnable_tokens": None},
+            r"'backbone\.reins\.learnable_tokens' is missing: the official Reins saves 'learnable_tokens' "
+            r"\[layers, tokens, width\]",
+        ),
+        (
+            {"mlp_delta_f.weight": torch.zeros(HIDDEN, HIDDEN + 1)},
+            r"'backbone\.reins\.mlp_delta_f\.weight' has shape \[32, 33\], expected \['width', 'width'\] with "
+            r"layers=2, tokens=6, width=32",
+        ),
+        (
+            {"merge.weight": torch.zeros(QUERY, 2 * QUERY)},
+            r"'backbone\.reins\.merge\.weight' has shape \[8, 16\], expected \['queries', '3 \* queries'\]",
+        ),
+        ({"merge.bias": None}, r"query linking needs .* the checkpoint has only"),
+        ({"learnable_tokens": torch.zeros(LAYERS, TOKENS, HIDDEN, dtype=torch.long)}, r"holds torch\.int64 values"),
+    ],
+    ids=["scale-shape-2", "scale-float", "no-tokens", "wrong-width", "wrong-merge", "half-linking", "int-tokens"],
+)
+def test_ill_formed_rein_tensors_are_named_in_the_official_names(change, message):
+    tensors = official_state_dict(low_rank=False, linked=True)
+    for name, value in change.items():
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value
+    base = tiny_dinov2(classifier=False)
+    before = {key: value.clone() for key, value in base.state_dict().items()}
+    with pytest.raises(OfficialCheckpointError, match=message):
+        convert_official_checkpoint(_mmseg_checkpoint(tensors)["state_dict"], base)
+    assert not hasattr(base, "peft_config")
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_low_rank_tokens_must_agree_on_their_rank():
+    tensors = official_state_dict(low_rank=True, linked=False)
+    tensors["learnable_tokens_b"] = torch.zeros(LAYERS, RANK + 1, HIDDEN)
+    with pytest.raises(OfficialCheckpointError, match=r"'learnable_tokens_b' has shape \[2, 5, 32\], .* rank=4"):
+        convert_official_checkpoint(tensors, tiny_dinov2(classifier=False))
+    del tensors["learnable_tokens_a"]
+    with pytest.raises(OfficialCheckpointError, match=r"'learnable_tokens_a' is missing: .*LoRAReins"):
+        convert_official_checkpoint(tensors, tiny_dinov2(classifier=False))
