@@ -471,5 +471,10 @@ class ReinModel(BaseTuner):
             raise ReinStateDictError(" ".join(problems))
         missing = sorted(set(stem_to_model_key) - loaded_stems)
         if missing:
-            raise ReinStateDictError(f"The adapter file lacks {missing} for adapter '{adapter_name}'.")
+            raise ReinStateDictError(
+                f"The adapter file lacks {missing}, which adapter '{adapter_name}' of {_base_model_class(model)} has: "
+                "the adapter's config (adapter_config.json) asks for tensors its weights do not hold (e.g. "
+                "link_token_to_query or lora_dim set differently from when it was saved), or, for a stage index "
+                "('2.rein_tokens'), the backbone has other stages than the one it was trained on."
+            )
         return remapped

@@ -269,3 +269,15 @@ def test_convert_official_checkpoint_for_another_backbone():
     with pytest.raises(ReinStateDictError, match="different backbone"):
         convert_official_checkpoint(checkpoint, model)
     assert_unchanged(model, *before)
+
+
+def test_a_config_asking_for_other_tensors_than_its_weights_hold_says_so(tmp_path):
+    """adapter_config.json says low-rank tokens (lora_dim 4) while the file holds full-rank ones."""
+    folder = save_adapter(tmp_path / "adapter")
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "lora_dim": 4}))
+    model = tiny_dinov2()
+    before = record(model)
+    with pytest.raises(ReinStateDictError, match=r"holds '.*rein_tokens'.*config \(adapter_config.json\) disagrees"):
+        PeftModel.from_pretrained(model, folder)
+    assert_unchanged(model, *before)
