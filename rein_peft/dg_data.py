@@ -151,6 +151,8 @@ SPLIT_ALIASES = {"validation": "val", "training": "train"}
 # data sets whose official conversion maps every raw value outside its id table to 255 (DAFormer's gta.py, which the
 # official tools/convert_datasets/gta.py is): such values are ignored, counted and reported, not refused
 UNMAPPED_IGNORED = ("gta",)
+# data sets without splits in domain generalization: every image is read
+SPLITLESS = ("gta", "synthia")
 # the columns of `load_dg_dataset`'s rows beside `image` and `label`
 IMAGE_PATH, LABEL_PATH, UNMAPPED_PIXELS = "image_path", "label_path", "unmapped_pixels"
 # bump when the conversion changes, so that caches of an older conversion are not served
@@ -453,8 +455,9 @@ def load_dg_dataset(
         raise
     counts = np.asarray(dataset[UNMAPPED_PIXELS], dtype=np.int64)
     files, pixels = int((counts > 0).sum()), int(counts.sum())
+    split_name = "" if name in SPLITLESS else f" ({split})"
     dataset.info.description = (
-        f"{name} ({split}) from {root}: {len(dataset)} images, labels in the 19 Cityscapes train ids (255 ignored)"
+        f"{name}{split_name} from {root}: {len(dataset)} images, labels in the 19 Cityscapes train ids (255 ignored)"
         + (", half-size copies as the official mapillary_resize.py makes them" if half_size_copies else "")
         + f"; {pixels} pixels in {files} label files held values outside the data set's ids"
         + (" and were mapped to 255, as the official conversion does." if ignore_unmapped else ".")
