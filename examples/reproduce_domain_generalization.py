@@ -15,9 +15,11 @@ Mapillary (or any targets), as the official 512x512 config does, through `transf
   AdamW lr 1e-4, weight decay 0.05 (none on tokens, norms, embeddings), poly schedule (power 0.9, no warm-up); full
   fine-tuning's backbone at 0.1 x the lr. `accelerate launch` trains on several GPUs (then set
   `--per_device_train_batch_size` so that the total batch is 4).
-- evaluation: each target resized to its test size (Cityscapes and Mapillary 1024x512, BDD100K 1280x720, keeping the
-  aspect ratio), sliding window of 512x512 crops every 341 pixels, scores compared at the label maps' own size; mIoU
-  over the 19 classes per target and the mean over targets.
+- evaluation: Mapillary scored on half-size copies of its validation set, made as the official
+  `tools/convert_datasets/mapillary_resize.py` makes them (the official evaluation and the paper's numbers;
+  `--mapillary_scoring full` scores the originals); each target resized to its test size (Cityscapes and Mapillary
+  1024x512, BDD100K 1280x720, keeping the aspect ratio), sliding window of 512x512 crops every 341 pixels, scores
+  compared at the label maps' own size; mIoU over the 19 classes per target and the mean over targets.
 - output: `results.md` (the table, the paper's numbers beside), `results.json` (every number, per-class IoU) and
   `predictions_<method>_<target>.png` (columns image, label, prediction) under `--output_dir`.
 
@@ -97,6 +99,8 @@ OFFLINE_DEFAULTS = {
     "size_divisor": 8,
     "methods": ["frozen", "rein"],
 }
+# how Mapillary is scored: half-size copies (the official evaluation's `half/val_img`, `half/val_label`) or originals
+MAPILLARY_HALF, MAPILLARY_FULL = "half", "full"
 OFFLINE_SOURCE, OFFLINE_TARGETS = "gta", ("cityscapes", "bdd100k", "mapillary")
 OFFLINE_IMAGES = 4
 OFFLINE_BACKBONE = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "mlp_ratio": 2}
@@ -156,6 +160,15 @@ class ProtocolArguments:
     backbone_lr_multiplier: float = field(default=0.1, metadata={"help": "Backbone lr factor of full fine-tuning."})
     size_divisor: int = field(
         default=1, metadata={"help": "Divide every size (scales, crops, stride, test sizes) by it."}
+    )
+    mapillary_scoring: str = field(
+        default=MAPILLARY_HALF,
+        metadata={
+            "help": f"{MAPILLARY_HALF!r}: score Mapillary on half-size copies made as the official "
+            "mapillary_resize.py makes them (the official evaluation, the paper's numbers); "
+            f"{MAPILLARY_FULL!r}: on the originals.",
+            "choices": [MAPILLARY_HALF, MAPILLARY_FULL],
+        },
     )
     max_eval_images: int | None = field(default=None, metadata={"help": "Test on at most this many images a target."})
     num_pictures: int = field(default=3, metadata={"help": "Images per target in the prediction pictures."})
@@ -226,6 +239,12 @@ def load_source(pairs: list[tuple[str, str]], split: str, num_proc: int | None):
 
     parts = [dg_data.load_dg_dataset(name, path, split, num_proc=num_proc) for name, path in pairs]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def load_target(name: str, path: str, args: ProtocolArguments):
+    """One target data set as it is scored: Mapillary as `--mapillary_scoring` says (half-size copies by default)."""
+    half = name == "mapillary" and args.mapillary_scoring == MAPILLARY_HALF
+    return dg_data.load_dg_dataset(name, path, args.target_split, num_proc=args.num_proc, half_size_copies=half)
 
 
 def prediction_picture(examples: dict, path: str, caption: str, height: int = 256) -> None:
@@ -367,7 +386,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             targets = {}
             for name, path in target_paths:
                 key = name if name not in targets else f"{name}={path}"
-                targets[key] = dg_data.load_dg_dataset(name, path, args.target_split, num_proc=args.num_proc)
+                targets[key] = load_target(name, path, args)
                 if args.max_eval_images is not None:
                     targets[key] = targets[key].select(range(min(args.max_eval_images, len(targets[key]))))
     except (FileNotFoundError, ValueError) as error:

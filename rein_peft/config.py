@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
 # the method prefix: every tensor of a Rein adapter lives under a `rein_*` attribute of the `ReinLayer`
@@ -17,6 +18,81 @@ REIN_PREFIX = "rein_"
 # and the original module, which the copies are made from
 MODULES_TO_SAVE = "modules_to_save"
 ORIGINAL_MODULE = "original_module"
+
+
+# the checked kinds of ReinConfig's fields (see `_check_field`)
+INT, FLOAT, BOOL, NAMES, INDICES = "int", "float", "bool", "names", "indices"
+# field -> (kind, None allowed, smallest value): every field of ReinConfig's own, and PEFT's `inference_mode`
+FIELD_RULES = {
+    "token_length": (INT, False, 2),
+    "lora_dim": (INT, True, 1),
+    "scale_init": (FLOAT, False, None),
+    "use_softmax": (BOOL, False, None),
+    "zero_mlp_delta_f": (BOOL, False, None),
+    "link_token_to_query": (BOOL, False, None),
+    "query_dims": (INT, False, 1),
+    "refine_query_tokens": (BOOL, False, None),
+    "num_prefix_tokens": (INT, True, 0),
+    "batch_first": (BOOL, True, None),
+    "patch_size": (INT, True, 1),
+    "target_modules": (NAMES, True, None),
+    "layers_to_transform": (INDICES, True, 0),
+    "layers_pattern": (NAMES, True, None),
+    "modules_to_save": (NAMES, True, None),
+    "frozen_modules_follow_train": (BOOL, False, None),
+    "inference_mode": (BOOL, False, None),
+}
+FIELD_KINDS = {
+    INT: "an int",
+    FLOAT: "a finite number",
+    BOOL: "true or false (a bool, not a string)",
+    NAMES: "a module name, a regex or a list of names",
+    INDICES: "a layer index or a list of them",
+}
+
+# why a field has its smallest value, where that is not plain
+FIELD_NOTES = {
+    "token_length": " (token 0 takes part in the softmax but has no value)",
+    "lora_dim": " (None: full-rank tokens)",
+    "num_prefix_tokens": " (None: derived from the model)",
+    "patch_size": " (None: derived from the model)",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field(name: str, value: Any) -> None:
+    """Raise a `TypeError` / `ValueError` naming `name` if `value` is not of its kind or below its smallest value."""
+    kind, optional, minimum = FIELD_RULES[name]
+    if value is None:
+        if optional:
+            return
+        raise TypeError(f"ReinConfig field '{name}' must be {FIELD_KINDS[kind]}, got None.")
+    if kind == INT:
+        valid = _is_int(value)
+    elif kind == FLOAT:
+        valid = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    elif kind == BOOL:
+        valid = isinstance(value, bool)
+    elif kind == NAMES:
+        valid = isinstance(value, str) or (
+            isinstance(value, (list, tuple, set)) and all(isinstance(item, str) for item in value)
+        )
+    else:
+        valid = _is_int(value) or (isinstance(value, (list, tuple)) and all(_is_int(item) for item in value))
+    if not valid:
+        raise TypeError(
+            f"ReinConfig field '{name}' must be {FIELD_KINDS[kind]}"
+            + (" or None" if optional else "")
+            + f", got {value!r} ({type(value).__name__})."
+        )
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if minimum is not None and any(item < minimum for item in values):
+        raise ValueError(
+            f"ReinConfig field '{name}' must be at least {minimum}{FIELD_NOTES.get(name, '')}, got {value!r}."
+        )
 
 
 def is_adapter_key(name: str) -> bool:
@@ -117,41 +193,52 @@ class ReinConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ReinPeftType.REIN
+        for name in FIELD_RULES:
+            _check_field(name, getattr(self, name))
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
-        if self.token_length < 2:
-            raise ValueError(
-                f"token_length must be at least 2 (token 0 takes part in the softmax but has no value), "
-                f"got {self.token_length}."
-            )
-        if self.lora_dim is not None and self.lora_dim < 1:
-            raise ValueError(f"lora_dim must be a positive int or None for full-rank tokens, got {self.lora_dim}.")
-        if self.query_dims < 1:
-            raise ValueError(f"query_dims must be positive, got {self.query_dims}.")
-        if self.num_prefix_tokens is not None and self.num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0 or None (auto), got {self.num_prefix_tokens}.")
-        if self.patch_size is not None and self.patch_size < 1:
-            raise ValueError(f"patch_size must be positive or None (auto), got {self.patch_size}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only has an effect together with layers_to_transform; set both.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """Load the config like any `PeftConfig`; for a local folder also check that its weights file is there and
-        readable, so that `PeftModel.from_pretrained` fails naming the file before it changes the base model."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """Load the config like any `PeftConfig`, every field checked (an error names the field and the file); for a
+        local folder also check that its weights file is there and readable, so that `PeftModel.from_pretrained`
+        fails naming the file before it changes the base model."""
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ValueError) as error:
+            if "ReinConfig field" not in str(error):
+                raise
+            source = os.path.join(str(pretrained_model_name_or_path), subfolder or "", CONFIG_NAME)
+            raise type(error)(f"{source}: {error} Correct it in that file.") from error
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
             check_adapter_weights_file(folder)
         return config
 
 
+def _check_readable(path: str) -> None:
+    """Raise a `PermissionError` naming `path` if it exists (as a name) but cannot be opened and read as a file."""
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as error:
+        raise PermissionError(
+            f"The adapter weights file '{path}' exists but cannot be read ({error.strerror or error}): "
+            "check that it is a file and that this user may read it (safetensors writes it with mode 0600, "
+            "readable by its owner only; `chmod a+r` it for others)."
+        ) from error
+
+
 def check_adapter_weights_file(folder: str) -> None:
-    """Raise a clear error if the adapter folder has no weights file or an unreadable safetensors file."""
-    safetensors_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    if os.path.isfile(safetensors_file):
+    """Raise a clear error if the adapter folder has no weights file, an unreadable one (not a file, no permission)
+    or a corrupt safetensors file."""
+    safetensors_file, pickle_file = (os.path.join(folder, name) for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME))
+    if os.path.lexists(safetensors_file):
+        _check_readable(safetensors_file)
         try:
             with safe_open(safetensors_file, framework="pt") as weights:
                 weights.keys()
@@ -160,7 +247,9 @@ def check_adapter_weights_file(folder: str) -> None:
                 f"The adapter weights file '{safetensors_file}' is corrupt or truncated ({error}). "
                 "Save the adapter again or download it again."
             ) from error
-    elif not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+    elif os.path.lexists(pickle_file):
+        _check_readable(pickle_file)
+    else:
         raise FileNotFoundError(
             f"The adapter folder '{folder}' has adapter_config.json but no weights file: expected "
             f"'{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}'). Was `save_pretrained` interrupted?"

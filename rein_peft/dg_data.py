@@ -10,8 +10,10 @@ are imported when a loader runs, not with `rein_peft`.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +150,15 @@ TEST_SIZES = {
     "acdc": (960, 540),
 }
 SPLIT_ALIASES = {"validation": "val", "training": "train"}
+# data sets whose official conversion maps every raw value outside its id table to 255 (DAFormer's gta.py, which the
+# official tools/convert_datasets/gta.py is): such values are ignored, counted and reported, not refused
+UNMAPPED_IGNORED = ("gta",)
+# data sets without splits in domain generalization: every image is read
+SPLITLESS = ("gta", "synthia")
+# the columns of `load_dg_dataset`'s rows beside `image` and `label`
+IMAGE_PATH, LABEL_PATH, UNMAPPED_PIXELS = "image_path", "label_path", "unmapped_pixels"
+# bump when the conversion changes, so that caches of an older conversion are not served
+CONVERSION_VERSION = 2
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
 
@@ -218,19 +229,22 @@ def read_label_ids(path: str) -> np.ndarray:
     return planes[0] * 256 + planes[1]
 
 
-def to_train_ids(ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int, path: str) -> np.ndarray:
-    """Map a label file's raw ids to train ids (`uint8`, 255 ignored); an id the data set does not have is an error.
+def to_train_ids(
+    ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int, path: str, ignore_unmapped: bool = False
+) -> np.ndarray:
+    """Map a label file's raw ids to train ids (`uint8`, 255 ignored); an id the data set does not have is an error,
+    or 255 with `ignore_unmapped` (as the official GTAV conversion does).
 
     Args:
         ids: `[H, W]` raw ids, as `read_label_ids` returns them.
         id_table: raw id -> train id; ids of the data set missing from it become 255. `None`: already train ids.
         num_ids: The data set's ids are `0..num_ids - 1` (and 255 for train-id labels).
         path: The file, named in the error.
+        ignore_unmapped: Map ids outside `0..num_ids - 1` to 255 instead of refusing the file (count them with
+            `unmapped_pixels`).
     """
-    known = (ids >= 0) & (ids < num_ids)
-    if id_table is None:
-        known |= ids == IGNORE_INDEX
-    if not known.all():
+    known = _known_ids(ids, id_table, num_ids)
+    if not ignore_unmapped and not known.all():
         unknown = np.unique(ids[~known])[:10].tolist()
         expected = f"0 to {num_ids - 1}" + (" or 255" if id_table is None else "")
         raise ValueError(
@@ -238,11 +252,24 @@ def to_train_ids(ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int,
             "map of this data set (another data set, a colour-coded or an instance map?): check `name` and the folder."
         )
     if id_table is None:
-        return ids.astype(np.uint8)
+        return np.where(known, ids, IGNORE_INDEX).astype(np.uint8)
     lookup = np.full(num_ids, IGNORE_INDEX, dtype=np.uint8)
     for raw_id, train_id in id_table.items():
         lookup[raw_id] = train_id
-    return lookup[ids]
+    return np.where(known, lookup[np.where(known, ids, 0)], IGNORE_INDEX).astype(np.uint8)
+
+
+def _known_ids(ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int) -> np.ndarray:
+    """`[H, W]` bool: the raw ids the data set has (`0..num_ids - 1`, and 255 for train-id labels)."""
+    known = (ids >= 0) & (ids < num_ids)
+    if id_table is None:
+        known |= ids == IGNORE_INDEX
+    return known
+
+
+def unmapped_pixels(ids: np.ndarray, id_table: dict[int, int] | None, num_ids: int) -> int:
+    """How many pixels of `[H, W]` raw `ids` hold a value the data set does not have (see `to_train_ids`)."""
+    return int((~_known_ids(ids, id_table, num_ids)).sum())
 
 
 def _sibling(image: str, image_dir: str, label_dir: str, label_suffix: str) -> str:
@@ -309,24 +336,70 @@ _LAYOUT_HELP = {
 }
 
 
-def _generate_examples(pairs: list[tuple[str, str]], id_table: dict[int, int] | None, num_ids: int):
+def half_size(image, resample: int):
+    """A PIL image at half its width and height (floored), as the official `mapillary_resize.py` makes Mapillary's
+    validation copies: `resample` is bicubic for images, nearest for labels."""
+    return image.resize((image.width // 2, image.height // 2), resample=resample)
+
+
+def _generate_examples(
+    pairs: list[tuple[str, str]], id_table: dict[int, int] | None, num_ids: int, ignore_unmapped: bool, half: bool
+):
     import io
 
     from PIL import Image
 
     for image, label in pairs:
-        train_ids = to_train_ids(read_label_ids(label), id_table, num_ids, label)
+        ids = read_label_ids(label)  # [H, W] raw ids
+        train_ids = Image.fromarray(to_train_ids(ids, id_table, num_ids, label, ignore_unmapped))
+        image_column = image
+        if half:  # nearest on train ids equals nearest on raw ids then the table: the same pixels are picked
+            train_ids = half_size(train_ids, Image.NEAREST)
+            with Image.open(image) as full:
+                buffer = io.BytesIO()
+                half_size(full.convert("RGB"), Image.BICUBIC).save(buffer, format="JPEG")  # Pillow's defaults
+            image_column = {"bytes": buffer.getvalue(), "path": None}
         buffer = io.BytesIO()
-        Image.fromarray(train_ids).save(buffer, format="PNG")
-        yield {"image": image, "label": {"bytes": buffer.getvalue(), "path": None}}
+        train_ids.save(buffer, format="PNG")
+        yield {
+            "image": image_column,
+            "label": {"bytes": buffer.getvalue(), "path": None},
+            IMAGE_PATH: image,
+            LABEL_PATH: label,
+            UNMAPPED_PIXELS: unmapped_pixels(ids, id_table, num_ids),
+        }
+
+
+def _fingerprint(name: str, pairs: list[tuple[str, str]], ignore_unmapped: bool, half: bool) -> str:
+    """The cache key of a conversion: what it reads (each file's path, size and modification time, so that a file
+    changed in place is converted again) and how (data set, options, conversion version)."""
+    digest = hashlib.sha256(repr((CONVERSION_VERSION, name, ignore_unmapped, half)).encode())
+    for image, label in pairs:
+        for path in (image, label):
+            stat = os.stat(path)
+            digest.update(repr((os.path.abspath(path), stat.st_size, stat.st_mtime_ns)).encode())
+    return digest.hexdigest()[:32]
 
 
 def load_dg_dataset(
-    name: str, root: str, split: str = "val", cache_dir: str | None = None, num_proc: int | None = None
+    name: str,
+    root: str,
+    split: str = "val",
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+    half_size_copies: bool = False,
 ):
-    """One domain-generalization data set, read from the layout it is downloaded in, as a `datasets.Dataset` with an
-    `image` column (the files, decoded on access) and a `label` column (label maps in the 19 Cityscapes train ids,
-    255 ignored, converted once with a progress bar and cached by `datasets`).
+    """One domain-generalization data set, read from the layout it is downloaded in, as a `datasets.Dataset`.
+
+    Each row holds `image` (the image file, decoded on access), `label` (the label map in the 19 Cityscapes train
+    ids, 255 ignored), `image_path` and `label_path` (the files it was read from) and `unmapped_pixels` (how many
+    pixels of the label file held a value outside the data set's ids). The labels are converted once, with a progress
+    bar, and cached by `datasets` under a key made of every file's path, size and modification time: a file changed in
+    place is converted again on the next load.
+
+    GTAV's label values outside the 34 Cityscapes ids become 255 (ignored), as the official
+    `tools/convert_datasets/gta.py` does; a `UserWarning` and the data set's `info.description` give how many files
+    and pixels held them. The other data sets refuse such a file with an error naming it.
 
     Args:
         name: `gta` (GTAV), `synthia` (SYNTHIA RAND-CITYSCAPES), `cityscapes`, `bdd100k` (its semantic
@@ -336,25 +409,46 @@ def load_dg_dataset(
             in domain generalization: every image is read, whatever `split` says.
         cache_dir: Where `datasets` caches the converted labels (default: its own cache).
         num_proc: Processes converting the labels (default: one).
+        half_size_copies: Images and labels at half their width and height (floored), made as the official
+            `tools/convert_datasets/mapillary_resize.py` makes the Mapillary validation copies that the official
+            evaluation scores (`half/val_img`, `half/val_label`): images bicubic, saved as JPEG with Pillow's
+            defaults, labels nearest. The `image` column then holds the half-size JPEG, `image_path` the original.
 
     Raises:
         FileNotFoundError: No such folder, no images in it, or an image without its label file (named).
-        ValueError: A label file holding ids the data set does not have (named).
+        ValueError: A label file holding ids the data set does not have (named), except for GTAV.
         MissingExtraError: datasets or Pillow is missing (`pip install "rein-peft[examples]"`), checked first.
     """
     require("datasets", "PIL", purpose="load_dg_dataset")
     import datasets
 
     pairs, id_table, num_ids = _files(name, root, split)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    ignore_unmapped = name in UNMAPPED_IGNORED
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.Image(),
+            IMAGE_PATH: datasets.Value("string"),
+            LABEL_PATH: datasets.Value("string"),
+            UNMAPPED_PIXELS: datasets.Value("int64"),
+        }
+    )
+    gen_kwargs = {
+        "pairs": pairs,
+        "id_table": id_table,
+        "num_ids": num_ids,
+        "ignore_unmapped": ignore_unmapped,
+        "half": half_size_copies,
+    }
     try:
-        return datasets.Dataset.from_generator(
+        dataset = datasets.Dataset.from_generator(
             _generate_examples,
             features=features,
-            gen_kwargs={"pairs": pairs, "id_table": id_table, "num_ids": num_ids},
+            gen_kwargs=gen_kwargs,
             cache_dir=cache_dir,
             num_proc=num_proc if num_proc and num_proc > 1 else None,
             split=datasets.Split.TRAIN if split == "train" else datasets.Split.VALIDATION,
+            fingerprint=_fingerprint(name, pairs, ignore_unmapped, half_size_copies),
         )
     except datasets.exceptions.DatasetGenerationError as error:
         if isinstance(error.__cause__, (ValueError, OSError)):  # the label file's own error, not the wrapper
@@ -363,6 +457,23 @@ def load_dg_dataset(
         for _, label in pairs:
             to_train_ids(read_label_ids(label), id_table, num_ids, label)
         raise
+    counts = np.asarray(dataset[UNMAPPED_PIXELS], dtype=np.int64)
+    files, pixels = int((counts > 0).sum()), int(counts.sum())
+    split_name = "" if name in SPLITLESS else f" ({split})"
+    dataset.info.description = (
+        f"{name}{split_name} from {root}: {len(dataset)} images, labels in the 19 Cityscapes train ids (255 ignored)"
+        + (", half-size copies as the official mapillary_resize.py makes them" if half_size_copies else "")
+        + f"; {pixels} pixels in {files} label files held values outside the data set's ids"
+        + (" and were mapped to 255, as the official conversion does." if ignore_unmapped else ".")
+    )
+    if pixels:
+        warnings.warn(
+            f"{name} at {root}: {pixels} pixels in {files} of {len(dataset)} label files hold values outside the "
+            f"{num_ids} ids of the data set; they are ignored (255), as the official conversion does. Per file: the "
+            f"dataset's `{UNMAPPED_PIXELS}` column.",
+            stacklevel=2,
+        )
+    return dataset
 
 
 # --- the official training augmentations (`configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py`) -----------------

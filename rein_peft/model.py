@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import (
     BaseTuner,
     _filter_state_dict_by_key_prefixes,
@@ -43,6 +44,40 @@ class ReinMergeError(ValueError):
 
 class ReinStateDictError(ValueError):
     """An adapter file does not fit the model it is loaded into."""
+
+
+# the axes of Rein's tensors whose length a config field sets (the others are the backbone's: layers, hidden width);
+# keyed by the tensor's stem without a stage index
+CONFIG_AXES = {
+    "rein_tokens": {1: "token_length"},  # [L, M, C]
+    "rein_tokens_a": {1: "token_length", 2: "lora_dim"},  # [L, M, r]
+    "rein_tokens_b": {1: "lora_dim"},  # [L, r, C]
+    "rein_transform.weight": {0: "query_dims"},  # [Q, C]
+    "rein_transform.bias": {0: "query_dims"},
+    "rein_merge.weight": {0: "query_dims", 1: "query_dims"},  # [Q, 3Q]
+    "rein_merge.bias": {0: "query_dims"},
+    "rein_query_feat.weight": {0: "query_dims", 1: "query_dims"},  # [Q, Q]
+    "rein_query_feat.bias": {0: "query_dims"},
+}
+
+
+def _config_fields_of_mismatch(stem: str, saved: list[int], expected: list[int]) -> list[str]:
+    """The config fields that explain a shape mismatch when every differing axis is set by the config (the file's
+    config disagrees with its weights); empty when a backbone axis differs too, or the ranks differ."""
+    axes = CONFIG_AXES.get(stem.split(".", 1)[1] if stem.split(".", 1)[0].isdigit() else stem, {})
+    if len(saved) != len(expected):
+        return []
+    differing = [axis for axis, (have, need) in enumerate(zip(saved, expected, strict=True)) if have != need]
+    if not all(axis in axes for axis in differing):
+        return []
+    return sorted({axes[axis] for axis in differing})
+
+
+def _base_model_class(model: nn.Module) -> str:
+    """The class name of the model an adapter is loaded into, below PEFT's wrappers (`PeftModel`, `ReinModel`)."""
+    while isinstance(model, (PeftModel, BaseTuner)):
+        model = model.base_model if isinstance(model, PeftModel) else model.model
+    return type(model).__name__
 
 
 def _tensor_stem(key: str) -> str | None:
@@ -418,7 +453,7 @@ class ReinModel(BaseTuner):
         stem_to_model_key = {
             _tensor_stem(cls._remove_adapter_name_from_key(key, adapter_name)): key for key in model_tensors
         }
-        remapped, loaded_stems, mismatches = {}, set(), []
+        remapped, loaded_stems, backbone_mismatches, config_mismatches = {}, set(), [], []
         for key, tensor in state_dict.items():
             stem = _tensor_stem(key)
             if stem is None:  # modules_to_save and other non-Rein entries
@@ -427,23 +462,48 @@ class ReinModel(BaseTuner):
             if stem not in stem_to_model_key:
                 raise ReinStateDictError(
                     f"The adapter file holds '{key}', which adapter '{adapter_name}' of this model does not have "
-                    f"(it has {sorted(stem_to_model_key)}). Was the file saved with a different ReinConfig?"
+                    f"(it has {sorted(stem_to_model_key)}): the adapter's config (adapter_config.json) disagrees with "
+                    "its weights, or the file was saved with a different ReinConfig."
                 )
             model_key = stem_to_model_key[stem]
             expected = list(model_tensors[model_key].shape)
             if list(tensor.shape) != expected:
-                mismatches.append(f"'{stem}' has shape {list(tensor.shape)}, but this model needs {expected}")
+                config_fields = _config_fields_of_mismatch(stem, list(tensor.shape), expected)
+                if config_fields:
+                    settings = ", ".join(f"{name}={getattr(config, name)}" for name in config_fields)
+                    config_mismatches.append(
+                        f"'{stem}' has shape {list(tensor.shape)}, but the config's {settings} needs {expected}"
+                    )
+                else:
+                    backbone_mismatches.append(
+                        f"'{stem}' has shape {list(tensor.shape)}, but this model needs {expected}"
+                    )
             remapped[model_key] = tensor
             loaded_stems.add(stem)
-        if mismatches:
-            raise ReinStateDictError(
-                f"The adapter was made for a different backbone than {type(model).__name__}: "
-                + "; ".join(mismatches)
+        problems = []
+        if config_mismatches:
+            problems.append(
+                "The adapter's config disagrees with its weights: "
+                + "; ".join(config_mismatches)
+                + ". Fix these fields of its adapter_config.json (or the ReinConfig given) to match the weights, or "
+                "save the adapter again."
+            )
+        if backbone_mismatches:
+            problems.append(
+                f"The adapter was made for a different backbone than {_base_model_class(model)}: "
+                + "; ".join(backbone_mismatches)
                 + ". Token tables are [layers, tokens, hidden] and the MLPs [hidden, hidden] (on a staged backbone, "
                 "'2.rein_tokens' is stage 2's, [blocks, tokens, stage width]): load the adapter into the architecture "
                 "it was trained on."
             )
+        if problems:
+            raise ReinStateDictError(" ".join(problems))
         missing = sorted(set(stem_to_model_key) - loaded_stems)
         if missing:
-            raise ReinStateDictError(f"The adapter file lacks {missing} for adapter '{adapter_name}'.")
+            raise ReinStateDictError(
+                f"The adapter file lacks {missing}, which adapter '{adapter_name}' of {_base_model_class(model)} has: "
+                "the adapter's config (adapter_config.json) asks for tensors its weights do not hold (e.g. "
+                "link_token_to_query or lora_dim set differently from when it was saved), or, for a stage index "
+                "('2.rein_tokens'), the backbone has other stages than the one it was trained on."
+            )
         return remapped

@@ -4,7 +4,8 @@
   as `tools/convert_models/convert_dinov2_large_512x512.py` of the official code does.
 - `Dinov2PyramidConfig` / `Dinov2PyramidBackbone`: a `Dinov2Backbone` whose feature maps, all at the patch stride,
   are resized by `feature_scales` (x4, x2, x1, x0.5: strides 4, 8, 16, 32 at patch 16) into the pyramid that the
-  official backbone hands its decoder (`rein/models/backbones/dino_v2.py`, `forward`).
+  official backbone hands its decoder (`rein/models/backbones/dino_v2.py`, `forward`), and whose position table is
+  interpolated to other input sizes as the official backbone does it (`OfficialPositionEmbeddings`).
 
 `import rein_peft` registers the config and the backbone with transformers' auto classes (`register_pyramid`), so
 `AutoBackbone` and Mask2Former / UperNet configs whose `backbone_config` is a `Dinov2PyramidConfig` build and load it.
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import AutoBackbone, AutoConfig, AutoModel, Dinov2Backbone, Dinov2Config, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BackboneOutput
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
 from transformers.utils import can_return_tuple
 
 PYRAMID_MODEL_TYPE = "dinov2_pyramid"
@@ -29,6 +31,10 @@ OFFICIAL_FEATURE_SCALES = (4, 2, 1, 0.5)
 # the official conversion (`convert_dinov2_large_512x512.py`) and the pyramid (`dino_v2.py`, `forward`)
 KERNEL_RESIZE_MODE = "bicubic"
 PYRAMID_RESIZE_MODE = "bilinear"
+# the official position interpolation (`dino_v2.py`, `interpolate_pos_encoding`): bicubic, by scale factors
+# (grid + POSITION_SCALE_OFFSET) / sqrt(N) that keep DINO's guard against floating-point error
+POSITION_RESIZE_MODE = "bicubic"
+POSITION_SCALE_OFFSET = 0.1
 # transformers 5 renames DINOv2's checkpoint keys on load by class name; the pyramid backbone has the same keys
 DINOV2_CONVERSION_MAPPING = "Dinov2Model"
 DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers", PYRAMID_MODEL_TYPE)
@@ -75,12 +81,45 @@ class Dinov2PyramidConfig(Dinov2Config):
             )
 
 
+class OfficialPositionEmbeddings(Dinov2Embeddings):
+    """DINOv2's embeddings (same parameters, same names) with the position table interpolated as the official Rein
+    backbone does it (`rein/models/backbones/dino_v2.py`, `interpolate_pos_encoding`).
+
+    At an input whose patch grid is not the table's own `sqrt(N)` x `sqrt(N)` (or is not square), the patch positions
+    `[1, C, sqrt(N), sqrt(N)]` are resized bicubically (`align_corners=False`, in float32) by
+    `scale_factor=((h0 + 0.1) / sqrt(N), (w0 + 0.1) / sqrt(N))`, `h0`, `w0` the input's patch rows and columns.
+    PyTorch samples with these factors, not with the sizes' ratio `h0 / sqrt(N)` that transformers'
+    `size=(h0, w0)` gives, so the positions differ slightly wherever an image is not the table's size (whole-image
+    inference, an image side below the crop). At the table's own size the table is used as it is, as in both.
+    """
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The positions `[1, 1 + h0 * w0, C]` for `embeddings` `[B, 1 + h0 * w0, C]` of a `height` x `width` image."""
+        num_positions = self.position_embeddings.shape[1] - 1
+        if embeddings.shape[1] - 1 == num_positions and height == width:
+            return self.position_embeddings
+        grid = math.isqrt(num_positions)
+        patch_height, patch_width = self.patch_embeddings.patch_size
+        rows, columns = height // patch_height, width // patch_width
+        positions = self.position_embeddings.float()
+        patch_positions = positions[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # [1, C, grid, grid]
+        patch_positions = nn.functional.interpolate(
+            patch_positions,
+            scale_factor=((rows + POSITION_SCALE_OFFSET) / grid, (columns + POSITION_SCALE_OFFSET) / grid),
+            mode=POSITION_RESIZE_MODE,
+            align_corners=False,
+        )  # [1, C, rows, columns]
+        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, rows * columns, -1)
+        return torch.cat([positions[:, :1], patch_positions], dim=1).to(embeddings.dtype)
+
+
 class Dinov2PyramidBackbone(Dinov2Backbone):
     """A `Dinov2Backbone` whose feature maps are resized by `config.feature_scales` into a feature pyramid.
 
     The parameters, their names and the encoder are `Dinov2Backbone`'s: it loads any DINOv2 checkpoint unchanged, and
     Rein finds and refines it like any DINOv2. Feature map k is `interpolate(map_k, scale_factor=feature_scales[k],
-    mode="bilinear", align_corners=False)`, or the map itself where the scale is 1.
+    mode="bilinear", align_corners=False)`, or the map itself where the scale is 1. The position table is interpolated
+    to other input sizes as the official backbone does it (`OfficialPositionEmbeddings`).
 
     Example:
         ```py
@@ -98,6 +137,9 @@ class Dinov2PyramidBackbone(Dinov2Backbone):
     def __init__(self, config: Dinov2PyramidConfig) -> None:
         config.check_feature_scales()
         super().__init__(config)
+        embeddings = OfficialPositionEmbeddings(config)
+        embeddings.load_state_dict(self.embeddings.state_dict())  # the initialised parameters, on their device
+        self.embeddings = embeddings
 
     @can_return_tuple
     def forward(

@@ -55,8 +55,11 @@ MAPILLARY_KEPT = {
 def test_each_data_set_reads_from_its_layout_into_train_ids(tmp_path, name):
     written = write_fake_dataset(name, str(tmp_path / name), num_images=3, split="val", seed=1)
     dataset = load_dg_dataset(name, str(tmp_path / name), "val", cache_dir=str(tmp_path / "cache"))
-    assert len(dataset) == 3 and set(dataset.column_names) == {"image", "label"}
-    for example, (_, train_ids) in zip(dataset, written, strict=True):
+    assert len(dataset) == 3
+    assert set(dataset.column_names) == {"image", "label", "image_path", "label_path", "unmapped_pixels"}
+    for example, (label_path, train_ids) in zip(dataset, written, strict=True):
+        assert example["label_path"] == label_path and os.path.isfile(example["image_path"])
+        assert example["unmapped_pixels"] == 0
         label = np.asarray(example["label"])
         assert example["image"].size == (label.shape[1], label.shape[0])
         np.testing.assert_array_equal(label, train_ids)  # every pixel, 255 where unlabelled
@@ -106,7 +109,7 @@ def test_a_missing_label_file_is_named(tmp_path):
         load_dg_dataset("cityscapes", str(tmp_path), "val", cache_dir=str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize(("name", "bad_id"), [("gta", 34), ("bdd100k", 19), ("synthia", 300)])
+@pytest.mark.parametrize(("name", "bad_id"), [("cityscapes", 34), ("bdd100k", 19), ("synthia", 300)])
 def test_an_unknown_id_is_named_with_its_file(tmp_path, name, bad_id):
     written = write_fake_dataset(name, str(tmp_path / name), num_images=2)
     path, train_ids = written[-1]
@@ -212,6 +215,69 @@ def test_conversion_in_worker_processes_gives_the_same_labels_and_errors(tmp_pat
     dataset = load_dg_dataset("gta", str(tmp_path / "gta"), cache_dir=str(tmp_path / "cache"), num_proc=2)
     for example, (_, train_ids) in zip(dataset, written, strict=True):
         np.testing.assert_array_equal(np.asarray(example["label"]), train_ids)
+    written = write_fake_dataset("cityscapes", str(tmp_path / "cityscapes"), num_images=4)
     Image.fromarray(np.full((4, 4), 40, dtype=np.uint8)).save(written[2][0])
     with pytest.raises(ValueError, match=rf"{written[2][0]} holds label ids \[40\]"):
-        load_dg_dataset("gta", str(tmp_path / "gta"), cache_dir=str(tmp_path / "cache2"), num_proc=2)
+        load_dg_dataset("cityscapes", str(tmp_path / "cityscapes"), cache_dir=str(tmp_path / "cache2"), num_proc=2)
+
+
+def test_gta_values_outside_the_cityscapes_ids_are_ignored_and_counted(tmp_path):
+    """As the official gta.py: every value outside ids 0-33 becomes 255; the loader counts them, per file and in all.
+    The fixture: 2 of 3 label files hold such values, 5 + 12 = 17 pixels (ids 34, 200 and 255)."""
+    written = write_fake_dataset("gta", str(tmp_path / "gta"), num_images=3)
+    expected = []
+    for (path, train_ids), bad in zip(written, ({34: 5}, {}, {200: 10, 255: 2}), strict=True):
+        raw = np.asarray(Image.open(path)).copy()  # [H, W] palette indices: the Cityscapes ids
+        train_ids = train_ids.copy()
+        rows = iter(range(raw.shape[0]))
+        for value, count in bad.items():
+            row = next(rows)
+            raw[row, :count], train_ids[row, :count] = value, 255
+        Image.fromarray(raw).save(path)
+        expected.append(train_ids)
+    with pytest.warns(UserWarning, match="17 pixels in 2 of 3 label files hold values outside the 34 ids"):
+        dataset = load_dg_dataset("gta", str(tmp_path / "gta"), cache_dir=str(tmp_path / "cache"))
+    assert dataset["unmapped_pixels"] == [5, 0, 12]
+    assert "17 pixels in 2 label files held values outside the data set's ids" in dataset.info.description
+    for example, train_ids in zip(dataset, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(example["label"]), train_ids)
+    with pytest.warns(UserWarning, match="17 pixels in 2 of 3"):  # reported again when served from the cache
+        cached = load_dg_dataset("gta", str(tmp_path / "gta"), cache_dir=str(tmp_path / "cache"))
+    assert cached["unmapped_pixels"] == [5, 0, 12] and cached.cache_files == dataset.cache_files
+
+
+def test_the_cache_follows_a_label_file_edited_in_place(tmp_path):
+    written = write_fake_dataset("cityscapes", str(tmp_path / "cs"), num_images=2)
+    first = load_dg_dataset("cityscapes", str(tmp_path / "cs"), cache_dir=str(tmp_path / "cache"))
+    path, train_ids = written[1]
+    raw = np.asarray(Image.open(path)).copy()
+    raw[:3] = 26  # car
+    Image.fromarray(raw).save(path)
+    second = load_dg_dataset("cityscapes", str(tmp_path / "cs"), cache_dir=str(tmp_path / "cache"))
+    assert first.cache_files != second.cache_files
+    np.testing.assert_array_equal(np.asarray(first[1]["label"]), train_ids)
+    edited = train_ids.copy()
+    edited[:3] = dg_data.CITYSCAPES_ID_TO_TRAIN_ID[26]
+    np.testing.assert_array_equal(np.asarray(second[1]["label"]), edited)
+    np.testing.assert_array_equal(np.asarray(second[0]["label"]), written[0][1])
+    assert second[1]["label_path"] == path
+
+
+def test_half_size_copies_are_made_as_the_official_mapillary_resize_makes_them(tmp_path):
+    """A plain rewrite of tools/convert_datasets/mapillary_resize.py's `resize_half` (images bicubic to JPEG, raw
+    labels nearest), then the id table: the loader's half-size rows equal it pixel for pixel."""
+    root = tmp_path / "mapillary"
+    write_fake_dataset("mapillary", str(root), num_images=2, split="val")
+    dataset = load_dg_dataset("mapillary", str(root), "val", cache_dir=str(tmp_path / "cache"), half_size_copies=True)
+    table = dg_data.mapillary_id_to_train_id(list(dg_data.MAPILLARY_V12_CLASSES))
+    lookup = np.full(256, 255, dtype=np.uint8)
+    lookup[list(table)] = list(table.values())
+    for index, example in enumerate(dataset):
+        image = Image.open(example["image_path"])
+        h, w = image.size  # the script's names: width, height
+        image.resize((h // 2, w // 2), resample=Image.BICUBIC).save(tmp_path / f"{index}.jpg")
+        label = Image.open(example["label_path"]).resize((h // 2, w // 2), resample=Image.NEAREST)
+        np.testing.assert_array_equal(np.asarray(example["image"]), np.asarray(Image.open(tmp_path / f"{index}.jpg")))
+        np.testing.assert_array_equal(np.asarray(example["label"]), lookup[np.asarray(label)])
+        assert example["image"].size == (image.width // 2, image.height // 2)
+    assert "half-size copies" in dataset.info.description

@@ -5,6 +5,12 @@ working."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +83,105 @@ def inconsistent_adapter(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("adapter", ["wide_adapter", "deep_adapter", "inconsistent_adapter"])
-def test_peft_model_from_pretrained(adapter, request):
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        (
+            "wide_adapter",
+            r"different backbone than Dinov2ForImageClassification: 'rein_delta_f.bias' has shape \[48\]",
+        ),
+        (
+            "deep_adapter",
+            r"different backbone than Dinov2ForImageClassification: 'rein_tokens' has shape \[3, 5, 32\]",
+        ),
+        ("inconsistent_adapter", r"config disagrees with its weights: 'rein_tokens' .* config's token_length=9 needs"),
+    ],
+)
+def test_peft_model_from_pretrained(adapter, message, request):
+    """The error names the base model's class, and tells a different backbone from a config that disagrees with
+    its own weights."""
     folder = request.getfixturevalue(adapter)
     model = tiny_dinov2()
     before = record(model)
-    with pytest.raises(ReinStateDictError):
+    with pytest.raises(ReinStateDictError, match=message) as error:
+        PeftModel.from_pretrained(model, folder)
+    assert "PeftModel" not in str(error.value)
+    assert ("different backbone" in str(error.value)) != (adapter == "inconsistent_adapter")
+    assert_unchanged(model, *before)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "message"),
+    [
+        ("token_length", "abc", TypeError, r"'token_length' must be an int, got 'abc' \(str\)"),
+        ("use_softmax", "false", TypeError, r"'use_softmax' must be true or false \(a bool, not a string\)"),
+        ("lora_dim", 0, ValueError, "'lora_dim' must be at least 1"),
+        ("layers_to_transform", [0, -1], ValueError, r"'layers_to_transform' must be at least 0, got \[0, -1\]"),
+        ("scale_init", None, TypeError, "'scale_init' must be a finite number, got None"),
+    ],
+)
+def test_a_bad_field_in_adapter_config_json_is_named_with_its_file(tmp_path, field, value, error, message):
+    folder = save_adapter(tmp_path / "adapter")
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    model = tiny_dinov2()
+    before = record(model)
+    with pytest.raises(error, match=f"{config_file}: ReinConfig field {message}"):
         PeftModel.from_pretrained(model, folder)
     assert_unchanged(model, *before)
+
+
+def test_a_weights_file_that_cannot_be_read_is_reported_as_unreadable(tmp_path):
+    """A real unreadable file as root (who reads every mode): a directory where the weights file should be."""
+    folder = save_adapter(tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.unlink()
+    weights.mkdir()
+    model = tiny_dinov2()
+    before = record(model)
+    with pytest.raises(PermissionError, match=f"'{weights}' exists but cannot be read .*Is a directory"):
+        PeftModel.from_pretrained(model, folder)
+    assert_unchanged(model, *before)
+
+
+UNREADABLE_AS_ANOTHER_USER = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_dinov2
+from peft import PeftModel
+import rein_peft
+try:
+    PeftModel.from_pretrained(tiny_dinov2(), {folder!r})
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to run as another user"
+)
+def test_a_weights_file_of_another_user_is_reported_as_unreadable():
+    """The case behind it: safetensors writes the file with mode 0600, so another user cannot read it. Saved as root,
+    loaded as `nobody` (a real permission denial, in a child process)."""
+    folder = Path(tempfile.mkdtemp(prefix="rein-unreadable-"))
+    try:
+        folder.chmod(0o755)  # others may enter the folder and read adapter_config.json, not the weights
+        save_adapter(folder / "adapter")
+        (folder / "adapter").chmod(0o755)
+        weights = folder / "adapter" / "adapter_model.safetensors"
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o600
+        script = UNREADABLE_AS_ANOTHER_USER.format(tests=str(Path(__file__).parent), folder=str(folder / "adapter"))
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        environment = {**os.environ, "HOME": str(folder), "HF_HOME": str(folder / "hf")}
+        result = subprocess.run(
+            [*nobody, sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300
+        )
+        assert (
+            f"PermissionError The adapter weights file '{weights}' exists but cannot be read (Permission denied)"
+            in (result.stdout)
+        ), result.stdout + result.stderr
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_second_adapter_that_fails_leaves_the_first_working(tmp_path, wide_adapter):
@@ -171,4 +268,16 @@ def test_convert_official_checkpoint_for_another_backbone():
     before = record(model)
     with pytest.raises(ReinStateDictError, match="different backbone"):
         convert_official_checkpoint(checkpoint, model)
+    assert_unchanged(model, *before)
+
+
+def test_a_config_asking_for_other_tensors_than_its_weights_hold_says_so(tmp_path):
+    """adapter_config.json says low-rank tokens (lora_dim 4) while the file holds full-rank ones."""
+    folder = save_adapter(tmp_path / "adapter")
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "lora_dim": 4}))
+    model = tiny_dinov2()
+    before = record(model)
+    with pytest.raises(ReinStateDictError, match=r"holds '.*rein_tokens'.*config \(adapter_config.json\) disagrees"):
+        PeftModel.from_pretrained(model, folder)
     assert_unchanged(model, *before)

@@ -281,14 +281,34 @@ def test_target_modules_that_match_nothing():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"token_length": 1}, "token_length must be at least 2"),
-        ({"lora_dim": 0}, "lora_dim must be a positive int"),
-        ({"num_prefix_tokens": -1}, "num_prefix_tokens must be >= 0"),
+        ({"token_length": 1}, r"'token_length' must be at least 2 \(token 0 takes part in the softmax"),
+        ({"lora_dim": 0}, "'lora_dim' must be at least 1"),
+        ({"num_prefix_tokens": -1}, "'num_prefix_tokens' must be at least 0"),
+        ({"query_dims": 0}, "'query_dims' must be at least 1"),
         ({"layers_pattern": "layer"}, "layers_pattern only has an effect together with layers_to_transform"),
     ],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        ReinConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"token_length": "abc"}, r"'token_length' must be an int, got 'abc' \(str\)"),
+        ({"token_length": 4.0}, r"'token_length' must be an int, got 4.0 \(float\)"),
+        ({"use_softmax": "false"}, r"'use_softmax' must be true or false \(a bool, not a string\), got 'false'"),
+        ({"lora_dim": True}, r"'lora_dim' must be an int or None, got True \(bool\)"),
+        ({"scale_init": float("inf")}, "'scale_init' must be a finite number"),
+        ({"batch_first": 1}, "'batch_first' must be true or false .* or None"),
+        ({"target_modules": ["a", 3]}, "'target_modules' must be a module name, a regex or a list of names"),
+        ({"layers_to_transform": ["1"]}, "'layers_to_transform' must be a layer index or a list of them"),
+        ({"modules_to_save": "classifier", "frozen_modules_follow_train": None}, "'frozen_modules_follow_train'"),
+    ],
+)
+def test_config_field_types_are_checked_and_named(kwargs, message):
+    with pytest.raises(TypeError, match=f"ReinConfig field {message}"):
         ReinConfig(**kwargs)
 
 

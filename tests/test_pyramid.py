@@ -248,3 +248,67 @@ def test_pyramid_refuses_a_scale_per_map_mismatch():
     with pytest.raises(ValueError, match="positive resize factors"):
         pyramid_config(feature_scales=[4, 2, 0, 0.5])
     assert rein_peft.Dinov2PyramidConfig().feature_scales == [4, 2, 1, 0.5]  # the default, for any out_features
+
+
+# --- the official position interpolation -----------------------------------------------------------------------------
+
+
+def official_interpolate_pos_encoding(pos_embed: torch.Tensor, x: torch.Tensor, w: int, h: int, patch_size: int):
+    """`interpolate_pos_encoding` of the official `rein/models/backbones/dino_v2.py`, rewritten plainly (its names:
+    `w` is the image's height, `h` its width, as `B, nc, w, h = x.shape` gives them)."""
+    previous_dtype = x.dtype
+    npatch, N = x.shape[1] - 1, pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    pos_embed = pos_embed.float()
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0, h0 = w // patch_size + 0.1, h // patch_size + 0.1
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, int(N**0.5), int(N**0.5), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / N**0.5, h0 / N**0.5),
+        mode="bicubic",
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+
+
+def _pyramid_at_dinov2_grid() -> Dinov2PyramidBackbone:
+    """A pyramid backbone with DINOv2's 37x37 position table (patch 14 on 518), random positions."""
+    torch.manual_seed(3)
+    backbone = Dinov2PyramidBackbone(pyramid_config(**{**DINOV2_SIZES, "num_hidden_layers": 4})).eval()
+    with torch.no_grad():
+        backbone.embeddings.position_embeddings.normal_()
+    return backbone
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(("height", "width"), [(224, 336), (518, 280), (140, 700), (364, 364)])
+def test_positions_are_interpolated_as_the_official_backbone_does(height, width):
+    backbone = _pyramid_at_dinov2_grid()
+    embeddings = backbone.embeddings
+    grid = (height // OLD_PATCH) * (width // OLD_PATCH)
+    tokens = torch.zeros(1, 1 + grid, HIDDEN)
+    positions = embeddings.interpolate_pos_encoding(tokens, height, width)
+    table = embeddings.position_embeddings
+    expected = official_interpolate_pos_encoding(table, tokens, height, width, OLD_PATCH)
+    assert positions.shape == (1, 1 + grid, HIDDEN)
+    assert_same_numbers(positions, expected)
+    transformers_way = tf.models.dinov2.modeling_dinov2.Dinov2Embeddings.interpolate_pos_encoding(
+        embeddings, tokens, height, width
+    )
+    assert (transformers_way - positions).abs().max() > 1e-3  # what the pyramid inherited differs
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the forward adds these positions
+        first = backbone(pixel_values=images, output_hidden_states=True).hidden_states[0]
+        patches = embeddings.patch_embeddings(images)  # [1, h0 * w0, C]
+    tokens = torch.cat([embeddings.cls_token, patches], dim=1)
+    assert_same_numbers(first, tokens + expected)
+
+
+def test_positions_at_the_tables_own_size_are_the_table():
+    backbone = _pyramid_at_dinov2_grid()
+    tokens = torch.zeros(1, 1 + OLD_GRID * OLD_GRID, HIDDEN)
+    side = OLD_PATCH * OLD_GRID
+    assert backbone.embeddings.interpolate_pos_encoding(tokens, side, side) is backbone.embeddings.position_embeddings

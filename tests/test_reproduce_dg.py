@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import HfArgumentParser, TrainingArguments
 
 from rein_peft import dg_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import reproduce_domain_generalization as reproduce  # noqa: E402
+from fake_dg_datasets import write_fake_dataset  # noqa: E402
 
 QUICK = ["--max_steps", "2", "--max_eval_images", "2", "--num_pictures", "2"]
 
@@ -68,6 +70,7 @@ def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
         (["--source", "gta=x", "--backbone", "b"], "--target NAME=PATH is needed"),
         (["--source", "gta=x", "--target", "cityscapes=y"], "--backbone is needed"),
         (["--methods", "adapter"], "--methods takes"),
+        (["--mapillary_scoring", "quarter"], "invalid choice: 'quarter'"),
     ],
 )
 def test_command_line_errors_say_what_to_do(tmp_path, capsys, flags, message):
@@ -81,3 +84,21 @@ def test_a_missing_data_set_folder_stops_with_its_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--output_dir", str(tmp_path / "out"), *flags])
     assert f"gta: no folder '{tmp_path / 'nowhere'}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scoring", ["half", "full"])
+def test_mapillary_is_scored_on_half_size_copies_unless_asked_otherwise(tmp_path, scoring):
+    written = write_fake_dataset("mapillary", str(tmp_path / "mapillary"), num_images=2, split="val")
+    flags = [] if scoring == "half" else ["--mapillary_scoring", "full"]
+    args, _ = HfArgumentParser((reproduce.ProtocolArguments, TrainingArguments)).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path / "out"), *flags]
+    )
+    assert args.mapillary_scoring == scoring
+    dataset = reproduce.load_target("mapillary", str(tmp_path / "mapillary"), args)
+    for example, (_, train_ids) in zip(dataset, written, strict=True):
+        height, width = train_ids.shape
+        expected = (width // 2, height // 2) if scoring == "half" else (width, height)
+        assert example["label"].size == expected and example["image"].size == expected
+    cityscapes = write_fake_dataset("cityscapes", str(tmp_path / "cityscapes"), num_images=1, split="val")
+    label = reproduce.load_target("cityscapes", str(tmp_path / "cityscapes"), args)[0]["label"]
+    assert label.size == cityscapes[0][1].shape[::-1]  # the other targets at full size either way
