@@ -11,11 +11,11 @@ from .config import ReinConfig, ReinPeftType
 from .convert import OfficialCheckpointError, convert_official_checkpoint, map_official_checkpoint
 from .dg_data import load_dg_dataset
 from .discovery import ReinUnsupportedModelError
-from .evaluation import slide_inference
+from .evaluation import evaluate_segmentation, keep_ratio_size, semantic_scores, slide_inference, whole_inference
 from .hub import register_model_card
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
-from .official import build_official_segmenter, official_segmenter_config
+from .official import build_official_segmenter, mask2former_decoder_fields, official_segmenter_config
 from .pyramid import Dinov2PyramidBackbone, Dinov2PyramidConfig, register_pyramid, resize_patch_embedding
 from .quantization import is_backbone_linear
 from .rollback import register_rollback, unchanged_on_failure
@@ -55,16 +55,21 @@ __all__ = [
     "check_label_maps",
     "convert_official_checkpoint",
     "create_rein_optimizer",
+    "evaluate_segmentation",
     "gather_adapter_state_dict",
     "get_queries",
     "is_backbone_linear",
+    "keep_ratio_size",
     "load_dg_dataset",
     "map_official_checkpoint",
+    "mask2former_decoder_fields",
     "official_segmenter_config",
     "register",
     "rein_parameter_groups",
     "resize_patch_embedding",
     "segmentation_ignore_index",
+    "semantic_scores",
     "slide_inference",
     "unchanged_on_failure",
+    "whole_inference",
 ]
