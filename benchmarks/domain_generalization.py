@@ -542,7 +542,12 @@ OFFICIAL_METHODS = {
     "rein": "rein_full_rank",
     "rein_lora16": "rein",
 }
-MINIATURE_OFFICIAL_DECODER = {"encoder_layers": 2, "decoder_layers": 4, "num_queries": 16, "train_num_points": 1024}
+MINIATURE_OFFICIAL_DECODER = {
+    "encoder_layers": 2,
+    "num_decoder_layers": 3,
+    "num_queries": 16,
+    "train_num_points": 1024,
+}
 
 
 @dataclass
@@ -612,12 +617,8 @@ def segmenter_config(
     without the final norm, as the official Rein features are taken; or (`official`) the official Rein segmenter,
     its decoder `decoder_channels` wide and shallower on the `miniature` backbone."""
     if official:
-        widths = {  # the official ratios: 256 wide, feed-forward 2048 in the decoder and 1024 in the pixel decoder
-            **dict.fromkeys(("hidden_dim", "mask_feature_size", "feature_size"), decoder_channels),
-            "dim_feedforward": 8 * decoder_channels,
-            "encoder_feedforward_dim": 4 * decoder_channels,
-        }
-        scaled_down = {**MINIATURE_OFFICIAL_DECODER, **widths} if miniature else {}
+        # one width; the feed-forward widths follow at the official ratios (8x in the decoder, 4x in the pixel decoder)
+        scaled_down = {**MINIATURE_OFFICIAL_DECODER, "hidden_dim": decoder_channels} if miniature else {}
         labels = {"id2label": dict(enumerate(task.class_names))} if task.class_names else {}
         return rein_peft.official_segmenter_config(backbone_path, task.num_labels, **labels, **scaled_down)
     backbone_config = protocol.dinov2_backbone_config(backbone_path)

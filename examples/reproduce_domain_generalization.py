@@ -107,11 +107,9 @@ OFFLINE_BACKBONE = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_he
 OFFLINE_DECODER = {
     "num_queries": 8,
     "hidden_dim": 32,
-    "mask_feature_size": 32,
-    "feature_size": 32,
+    "num_decoder_layers": 1,
     "encoder_layers": 1,
     "encoder_feedforward_dim": 64,
-    "decoder_layers": 2,
     "dim_feedforward": 64,
     "num_attention_heads": 2,
     "train_num_points": 1024,
@@ -186,14 +184,15 @@ def _named_paths(specs: list[str], flag: str) -> list[tuple[str, str]]:
 
 
 def _test_sizes(args: ProtocolArguments) -> dict[str, tuple[int, int]]:
+    """Each target's test scale, (height, width) as `rein_peft.keep_ratio_size` takes it."""
     sizes = dict(dg_data.TEST_SIZES)
     for spec in args.test_size:
         name, _, size = spec.partition("=")
         width, _, height = size.partition("x")
         if name not in sizes or not (width.isdigit() and height.isdigit()):
             fail(f"--test_size takes NAME=WxH (e.g. bdd100k=1280x720), got {spec!r}.")
-        sizes[name] = (int(width), int(height))
-    return {name: (width // args.size_divisor, height // args.size_divisor) for name, (width, height) in sizes.items()}
+        sizes[name] = (int(height), int(width))
+    return {name: (height // args.size_divisor, width // args.size_divisor) for name, (height, width) in sizes.items()}
 
 
 def _augmentation(args: ProtocolArguments) -> dg_data.DGTrainAugmentation:

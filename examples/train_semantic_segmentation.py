@@ -118,8 +118,18 @@ class ScriptArguments:
     )
 
 
-# the official decoder's sizes scaled down to the embedded backbone, as the small Mask2Former below
-EMBEDDED_OFFICIAL_DECODER = {**protocol.mask2former_sizes(64), "num_queries": 16, "train_num_points": 1024}
+# the official decoder scaled down to the embedded backbone, sized as the small Mask2Former below
+# (`protocol.mask2former_sizes(64)`): 64 wide, 2 masked-attention and 2 pixel-decoder layers, feed-forward 128, 4 heads
+EMBEDDED_OFFICIAL_DECODER = {
+    "hidden_dim": 64,
+    "num_decoder_layers": 2,
+    "encoder_layers": 2,
+    "dim_feedforward": 128,
+    "encoder_feedforward_dim": 128,
+    "num_attention_heads": 4,
+    "num_queries": 16,
+    "train_num_points": 1024,
+}
 
 # --- the embedded default: a tiny DINOv2 and scenes whose labels need more than one patch --------------------------
 

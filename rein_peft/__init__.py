@@ -13,12 +13,12 @@ from .convert import OfficialCheckpointError, convert_official_checkpoint, map_o
 from .convert_dinov2 import convert_dinov2_checkpoint
 from .dg_data import load_dg_dataset
 from .discovery import ReinUnsupportedModelError
-from .evaluation import slide_inference
+from .evaluation import evaluate_segmentation, keep_ratio_size, semantic_scores, slide_inference, whole_inference
 from .extras import MissingExtraError
 from .hub import register_model_card, set_model_card_info
 from .layer import ReinLayer
 from .model import ReinMergeError, ReinModel, ReinStateDictError, get_queries
-from .official import build_official_segmenter, official_segmenter_config
+from .official import build_official_segmenter, mask2former_decoder_fields, official_segmenter_config
 from .pyramid import Dinov2PyramidBackbone, Dinov2PyramidConfig, register_pyramid, resize_patch_embedding
 from .quantization import is_backbone_linear
 from .rollback import register_rollback, unchanged_on_failure
@@ -62,17 +62,22 @@ __all__ = [
     "convert_dinov2_checkpoint",
     "convert_official_checkpoint",
     "create_rein_optimizer",
+    "evaluate_segmentation",
     "gather_adapter_state_dict",
     "get_queries",
     "is_backbone_linear",
+    "keep_ratio_size",
     "load_dg_dataset",
     "map_official_checkpoint",
+    "mask2former_decoder_fields",
     "official_segmenter_config",
     "register",
     "rein_parameter_groups",
     "resize_patch_embedding",
     "segmentation_ignore_index",
+    "semantic_scores",
     "set_model_card_info",
     "slide_inference",
     "unchanged_on_failure",
+    "whole_inference",
 ]

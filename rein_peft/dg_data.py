@@ -140,14 +140,15 @@ MAPILLARY_V12_CLASSES = (
     "Unlabeled",
 )
 MAPILLARY_CONFIGS = ("config_v1.2.json", "config.json")
-# the test sizes of the official configs (`Resize(scale=..., keep_ratio=True)`), width x height
+# the test sizes of the official configs (`Resize(scale=..., keep_ratio=True)`), (height, width) as
+# `keep_ratio_size` takes them (the configs write (width, height): cityscapes' scale=(1024, 512))
 TEST_SIZES = {
-    "cityscapes": (1024, 512),
-    "mapillary": (1024, 512),
-    "bdd100k": (1280, 720),
-    "gta": (1280, 720),
-    "synthia": (1280, 760),  # no official config: SYNTHIA's own size
-    "acdc": (960, 540),
+    "cityscapes": (512, 1024),
+    "mapillary": (512, 1024),
+    "bdd100k": (720, 1280),
+    "gta": (720, 1280),
+    "synthia": (760, 1280),  # no official config: SYNTHIA's own size
+    "acdc": (540, 960),
 }
 SPLIT_ALIASES = {"validation": "val", "training": "train"}
 # data sets whose official conversion maps every raw value outside its id table to 255 (DAFormer's gta.py, which the

@@ -1,5 +1,7 @@
 """Semantic-segmentation evaluation as the official Rein configs do it: per-pixel class scores from any transformers
-segmentation model, sliding-window inference, and mean IoU.
+segmentation model (`semantic_scores` of its outputs; `whole_inference` and `slide_inference` of a model and images,
+mmsegmentation's two test modes), the test-time resize (`keep_ratio_size`), and mean IoU (`evaluate_segmentation`).
+Sizes are (height, width) throughout, as `torch` and transformers' image processors write them.
 
 The mean IoU is `evaluate`'s "mean_iou" as a local module (`MEAN_IOU_METRIC`, rein_peft/mean_iou.py: the Hub's
 cannot be downloaded offline), whose arithmetic is `intersection_and_union` and `iou_from_areas` below;
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .deprecation import deprecated_aliases
 from .segmentation import segmentation_ignore_index
 
 # `evaluate`'s mean IoU as a local module (the Hub's "mean_iou" needs a download): rein_peft/mean_iou.py
@@ -56,9 +59,9 @@ def semantic_scores(outputs, size: tuple[int, int] | None = None) -> torch.Tenso
     return resized(logits)
 
 
-def semantic_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class scores `[B, num_labels, H, W]` at the input's size, from any transformers segmentation model
-    (`semantic_scores` of its outputs, resized to the input).
+def whole_inference(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Whole-image inference (mmsegmentation's `mode="whole"`): per-pixel class scores `[B, num_labels, H, W]` at the
+    input's size from any transformers segmentation model (`semantic_scores` of its outputs, resized to the input).
 
     Args:
         model: A segmentation model (or a `PeftModel` around one), in eval mode.
@@ -80,7 +83,7 @@ def slide_inference(
 ) -> torch.Tensor:
     """Sliding-window inference, as the official Rein configs test: `crop_size` crops every `stride` pixels (the
     last flush with the border; a side shorter than the crop is taken whole), each crop's per-pixel class scores
-    (`semantic_logits`) added in place, and every pixel divided by the number of crops that cover it.
+    (`whole_inference`) added in place, and every pixel divided by the number of crops that cover it.
 
     Args:
         model: A transformers segmentation model (UperNet, DPT, Mask2Former, EoMT, ...; or a `PeftModel`), in eval
@@ -99,7 +102,7 @@ def slide_inference(
     for top in _window_starts(height, crop_size, stride):
         for left in _window_starts(width, crop_size, stride):
             window = (slice(None), slice(None), slice(top, top + crop_size), slice(left, left + crop_size))
-            crop_scores = semantic_logits(model, pixel_values[window])  # [B, K, h, w]
+            crop_scores = whole_inference(model, pixel_values[window])  # [B, K, h, w]
             if scores is None:
                 scores = pixel_values.new_zeros(batch, crop_scores.shape[1], height, width)
             scores[window] += crop_scores
@@ -110,12 +113,16 @@ def slide_inference(
 def keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
     """The size (height, width) an image is resized to at test time: mmcv's `Resize(scale, keep_ratio=True)`, the
     largest size with the image's aspect ratio whose long side is at most `max(scale)` and short side at most
-    `min(scale)` (Cityscapes' 2048x1024 at (1024, 512): 1024x512).
+    `min(scale)` (a 1024x2048 Cityscapes image at scale (512, 1024): (512, 1024)).
 
     Args:
         height: The image's height.
         width: The image's width.
-        scale: The test scale, (width, height) as the configs write it; the order does not matter.
+        scale: The test scale, (height, width) like the image and the result (mmsegmentation's configs write it
+            (width, height): reverse it); only its long and short sides count, so either order gives the same size.
+
+    Returns:
+        (height, width).
     """
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
@@ -193,7 +200,7 @@ def evaluate_segmentation(
         dataset: A `datasets.Dataset` with an `image` column and a `label` column of label maps (`load_dg_dataset`).
         image_mean: The per-channel mean the model was trained with, in [0, 1] (the image processor's).
         image_std: The per-channel standard deviation, in [0, 1].
-        test_size: (width, height) scale of `keep_ratio_size`; `None`: the images as they are.
+        test_size: (height, width) scale of `keep_ratio_size`; `None`: the images as they are.
         crop_size: The sliding window's crop.
         stride: The sliding window's stride.
         device: Where the model runs (default: where its parameters are).
@@ -239,3 +246,7 @@ def evaluate_segmentation(
         "num_images": len(dataset),
         "predictions": kept,
     }
+
+
+# `semantic_logits(model, pixel_values)` was renamed: `rein_peft.official` had another function of that name
+__getattr__ = deprecated_aliases(__name__, {"semantic_logits": whole_inference})

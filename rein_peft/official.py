@@ -8,9 +8,13 @@ transformers config, `build_official_segmenter` the model with a backbone checkp
 released Rein checkpoint (`checkpoint=`) to run it.
 
 How transformers' Mask2Former is matched to mmdetection's (the official head):
-- decoder layers: transformers' `decoder_layers` counts the prediction made from the queries before any layer, as
-  detectron2's `DEC_LAYERS` does; `decoder_layers=10` builds the official 9 masked-attention layers (and 10
-  predictions, each with its auxiliary loss, as mmdetection's 1 + 9).
+- decoder layers: `num_decoder_layers` counts masked-attention layers as mmdetection's `num_layers` does (9);
+  transformers' `decoder_layers` counts the prediction made from the queries before any layer too, as detectron2's
+  `DEC_LAYERS` does, so `mask2former_decoder_fields` sets it to 9 + 1 = 10 (10 predictions, each with its auxiliary
+  loss, as mmdetection's 1 + 9).
+- widths: one `hidden_dim` (256) sets the decoder's, the pixel decoder's (`feature_size`) and the mask features'
+  (`mask_feature_size`), which the official head keeps equal (its input projections are identities), and the
+  feed-forward widths at the official ratios (8x in the decoder, 4x in the pixel decoder).
 - pixel decoder: `encoder_layers=6` deformable layers on the 3 coarsest levels (strides 8, 16, 32), an FPN level at
   stride 4 (`common_stride`), GroupNorm 32, 256 wide, feed-forward 1024; the decoder's input projections are identities
   (`enforce_input_projection=False`, the official `enforce_decoder_input_project=False`).
@@ -25,6 +29,7 @@ How transformers' Mask2Former is matched to mmdetection's (the official head):
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -34,7 +39,8 @@ from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversa
 from .compat import peft_deprecations_silenced
 from .config import ReinConfig
 from .convert import OFFICIAL_BACKBONE_PREFIX, OFFICIAL_MODULE_NAME, convert_official_checkpoint, read_checkpoint
-from .evaluation import semantic_scores as semantic_logits  # noqa: F401  (the class scores of its outputs)
+from .deprecation import deprecated_aliases
+from .evaluation import semantic_scores
 from .extras import require
 from .pyramid import OFFICIAL_FEATURE_SCALES, PYRAMID_MODEL_TYPE, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
@@ -51,15 +57,15 @@ OFFICIAL_BACKBONE = {
 # the layers whose refined outputs feed the decoder, as fractions of the depth: 8, 12, 16, 24 of 24 (out_indices 7,
 # 11, 15, 23, 0-based), and the same fractions of a scaled-down copy's depth
 OFFICIAL_LAYER_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1)
+# the decoder's width and its masked-attention layers (mmdetection's `num_layers`); the feed-forward widths as
+# multiples of the width: 2048 in the decoder, 1024 in the pixel decoder
+OFFICIAL_HIDDEN_DIM, OFFICIAL_DECODER_LAYERS = 256, 9
+DECODER_FEEDFORWARD_RATIO, PIXEL_DECODER_FEEDFORWARD_RATIO = 8, 4
+# fields that `mask2former_decoder_fields` derives (from the width, from the official layer count): no overrides
+DERIVED_FIELDS = ("feature_size", "mask_feature_size", "decoder_layers")
 OFFICIAL_DECODER = {
     "num_queries": 100,
-    "hidden_dim": 256,
-    "mask_feature_size": 256,
-    "feature_size": 256,
     "encoder_layers": 6,
-    "encoder_feedforward_dim": 1024,
-    "decoder_layers": 10,  # 9 masked-attention layers: transformers counts the initial prediction too
-    "dim_feedforward": 2048,
     "num_attention_heads": 8,
     "dropout": 0.0,
     "activation_function": "relu",
@@ -136,8 +142,62 @@ def _feature_strides(config: Dinov2PyramidConfig) -> list[int]:
     return [int(stride) for stride in strides]
 
 
+def mask2former_decoder_fields(hidden_dim: int, num_decoder_layers: int) -> dict[str, int]:
+    """The `Mask2FormerConfig` fields of a decoder `hidden_dim` wide with `num_decoder_layers` masked-attention layers
+    (mmdetection's count): `hidden_dim`, `feature_size` and `mask_feature_size` all `hidden_dim` (the identity input
+    projections need them equal), and transformers' `decoder_layers`, which counts the prediction before the first
+    layer too: `num_decoder_layers + 1`.
+
+    Args:
+        hidden_dim: The decoder's width (256 in the official head).
+        num_decoder_layers: Masked-attention layers (9 in the official head).
+    """
+    if hidden_dim < 1 or num_decoder_layers < 1:
+        raise ValueError(
+            f"hidden_dim and num_decoder_layers must be positive, got {hidden_dim} and {num_decoder_layers}."
+        )
+    return {
+        "hidden_dim": hidden_dim,
+        "feature_size": hidden_dim,
+        "mask_feature_size": hidden_dim,
+        "decoder_layers": num_decoder_layers + 1,
+    }
+
+
+def _derived_overrides(overrides: dict, hidden_dim: int, num_decoder_layers: int | None) -> int:
+    """The official layer count, after taking the old spellings out of `overrides`: `decoder_layers` (transformers'
+    count, one more) and `feature_size` / `mask_feature_size` (which must equal `hidden_dim`), with a warning."""
+    old = {key: overrides.pop(key) for key in DERIVED_FIELDS if key in overrides}
+    for key in ("feature_size", "mask_feature_size"):
+        if key in old and old[key] != hidden_dim:
+            raise ValueError(
+                f"{key}={old[key]} differs from hidden_dim={hidden_dim}; the official head keeps them equal. Pass "
+                f"the one width as hidden_dim={old[key]} and leave {key} out."
+            )
+    if "decoder_layers" in old:
+        if num_decoder_layers is not None and num_decoder_layers != old["decoder_layers"] - 1:
+            raise ValueError(
+                f"decoder_layers={old['decoder_layers']} (transformers' count: {old['decoder_layers'] - 1} layers) "
+                f"contradicts num_decoder_layers={num_decoder_layers}; pass num_decoder_layers alone."
+            )
+        num_decoder_layers = old["decoder_layers"] - 1
+    if old:
+        new = f"hidden_dim={hidden_dim}, num_decoder_layers={num_decoder_layers}"
+        warnings.warn(
+            f"official_segmenter_config derives {sorted(old)} from hidden_dim and num_decoder_layers (the official "
+            f"count of masked-attention layers, transformers' decoder_layers minus one): pass {new} instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return OFFICIAL_DECODER_LAYERS if num_decoder_layers is None else num_decoder_layers
+
+
 def official_segmenter_config(
-    backbone_config: Dinov2Config | str | os.PathLike | None = None, num_labels: int = 19, **overrides
+    backbone_config: Dinov2Config | str | os.PathLike | None = None,
+    num_labels: int = 19,
+    hidden_dim: int = OFFICIAL_HIDDEN_DIM,
+    num_decoder_layers: int | None = None,
+    **overrides,
 ) -> Mask2FormerConfig:
     """The config of the official Rein segmenter: Mask2Former over a `Dinov2PyramidBackbone`.
 
@@ -147,16 +207,36 @@ def official_segmenter_config(
             tests); the pyramid is added: the outputs of the layers at 1/3, 1/2, 2/3 and all of the depth (8, 12, 16
             and 24 of 24) without final norm, resized by x4, x2, x1 and x0.5. A `Dinov2PyramidConfig` is used as it is.
         num_labels: Classes (19 Cityscapes train ids in the official configs; 255 is ignored).
-        overrides: `Mask2FormerConfig` fields that replace the official ones (e.g. smaller `hidden_dim`,
-            `train_num_points` for a scaled-down copy, `id2label`).
+        hidden_dim: The decoder's one width: the transformer decoder's, the pixel decoder's and the mask features'
+            (256), and the feed-forward widths at the official ratios (8x and 4x; override them to change that).
+        num_decoder_layers: Masked-attention decoder layers, counted as the official config does (mmdetection's
+            `num_layers`, default 9); the config's `decoder_layers` is transformers' count, one more.
+        overrides: Other `Mask2FormerConfig` fields that replace the official ones (e.g. `encoder_layers`,
+            `num_queries`, `train_num_points` for a scaled-down copy, `id2label`).
 
     Returns:
         A `Mask2FormerConfig` with 100 queries, hidden 256, 9 masked-attention decoder layers, a 6-layer deformable
         pixel decoder on 3 levels and the official loss weights (see the module docstring for how each is matched).
+
+    Example:
+        ```py
+        >>> config = rein_peft.official_segmenter_config(hidden_dim=64, num_decoder_layers=3)  # a scaled-down head
+        >>> config.feature_size, config.mask_feature_size, config.dim_feedforward, config.decoder_layers
+        (64, 64, 512, 4)
+        ```
     """
+    num_decoder_layers = _derived_overrides(overrides, hidden_dim, num_decoder_layers)
     backbone = _pyramid_config(backbone_config)
     strides = _feature_strides(backbone)
-    settings = {**OFFICIAL_DECODER, "feature_strides": strides, "common_stride": min(strides), **overrides}
+    settings = {
+        **OFFICIAL_DECODER,
+        **mask2former_decoder_fields(hidden_dim, num_decoder_layers),
+        "dim_feedforward": DECODER_FEEDFORWARD_RATIO * hidden_dim,
+        "encoder_feedforward_dim": PIXEL_DECODER_FEEDFORWARD_RATIO * hidden_dim,
+        "feature_strides": strides,
+        "common_stride": min(strides),
+        **overrides,
+    }
     return Mask2FormerConfig(backbone_config=backbone, num_labels=num_labels, **settings)
 
 
@@ -310,3 +390,7 @@ def mask_targets(label_maps: torch.Tensor, ignore_index: int) -> dict[str, list[
         for label_map, present in zip(label_maps, classes, strict=True)
     ]
     return {"mask_labels": masks, "class_labels": classes}
+
+
+# `rein_peft.official.semantic_logits(outputs, size)` was `semantic_scores` under the name of another function
+__getattr__ = deprecated_aliases(__name__, {"semantic_logits": semantic_scores})

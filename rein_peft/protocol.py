@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, PretrainedConfig, UperNetConfig
 
-from .evaluation import intersection_and_union, iou_from_areas, semantic_logits
-from .official import mask_targets
+from .evaluation import intersection_and_union, iou_from_areas, whole_inference
+from .official import mask2former_decoder_fields, mask_targets
 from .segmentation import check_label_maps, segmentation_ignore_index
 from .training import rein_parameter_groups
 
@@ -55,14 +55,11 @@ def dinov2_backbone_config(backbone_path: str, out_indices: list[int] | None = N
 
 
 def mask2former_sizes(hidden_size: int = 64) -> dict:
-    """The sizes of the small Mask2Former that `segmenter_config` builds (and the scaled-down official decoders over
-    the examples' tiny backbones): `hidden_size` wide, 2 pixel-decoder and 3 decoder layers, 4 heads."""
+    """The `Mask2FormerConfig` sizes of the small Mask2Former that `segmenter_config` builds: `hidden_size` wide,
+    2 pixel-decoder and 2 masked-attention decoder layers (transformers' `decoder_layers=3`), 4 heads."""
     return {
-        "hidden_dim": hidden_size,
-        "mask_feature_size": hidden_size,
-        "feature_size": hidden_size,
+        **mask2former_decoder_fields(hidden_size, num_decoder_layers=2),
         "encoder_layers": 2,
-        "decoder_layers": 3,
         "dim_feedforward": 2 * hidden_size,
         "encoder_feedforward_dim": 2 * hidden_size,
         "num_attention_heads": 4,
@@ -202,7 +199,7 @@ def dataset_mean_iou(
     model: nn.Module, dataset, batch_size: int = 50, device: str | torch.device | None = None
 ) -> float:
     """Mean IoU of `model` on a prepared data set (`pixel_values`, `labels` of one size, e.g. `resize_transform`'s),
-    its class scores (`rein_peft.evaluation.semantic_logits`) resized to the labels.
+    its class scores (`rein_peft.whole_inference`) resized to the labels.
 
     Args:
         model: A segmentation model (or `PeftModel`); its config gives the classes and the ignore index.
@@ -217,7 +214,7 @@ def dataset_mean_iou(
     for start in range(0, len(dataset), batch_size):
         batch = dataset[start : start + batch_size]
         labels = batch["labels"]
-        logits = semantic_logits(model, batch["pixel_values"].to(device))
+        logits = whole_inference(model, batch["pixel_values"].to(device))
         logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         for prediction, label in zip(logits.argmax(1).cpu().numpy(), labels.numpy(), strict=True):
             areas += intersection_and_union(prediction, label, num_labels, ignore_index)

@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from transformers.modeling_outputs import BackboneOutput
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
-from rein_peft import convert_official_checkpoint, get_queries
+from rein_peft import convert_official_checkpoint, get_queries, official_segmenter_config
 from rein_peft.convert import OfficialCheckpointError, load_official_model_tensors, map_official_checkpoint
 
 # the tiny segmentor: C wide everywhere (GroupNorm needs 32k), 4 backbone stages, 3 deformable levels
@@ -247,6 +247,31 @@ def test_every_official_tensor_lands_where_the_table_says(tmp_path, linked):
     assert sorted(config.modules_to_save) == sorted(
         ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"]
     )
+
+
+def test_a_checkpoint_maps_onto_the_segmenter_built_from_one_width_and_the_official_layer_count():
+    """`official_segmenter_config(hidden_dim=C, num_decoder_layers=DEC_LAYERS)`, counted as mmdet counts, builds the
+    head the checkpoint has: every tensor lands on the same key, with the same value, as on the plain
+    `Mask2FormerConfig(decoder_layers=DEC_LAYERS + 1)`."""
+    sizes = {"encoder_layers": ENC_LAYERS, "dim_feedforward": DEC_FFN, "encoder_feedforward_dim": ENC_FFN}
+    config = official_segmenter_config(
+        tiny_mask2former().config.backbone_config,
+        CLASSES,
+        hidden_dim=C,
+        num_decoder_layers=DEC_LAYERS,
+        **sizes,
+        num_attention_heads=HEADS,
+        num_queries=TOKENS,
+        train_num_points=64,
+    )
+    assert config.decoder_layers == DEC_LAYERS + 1
+    torch.manual_seed(0)
+    mapping = map_official_checkpoint(synthetic_checkpoint(), tf.Mask2FormerForUniversalSegmentation(config))
+    reference = map_official_checkpoint(synthetic_checkpoint(), tiny_mask2former())
+    assert not mapping.unused and mapping.model_tensors.keys() == reference.model_tensors.keys()
+    for key, value in reference.model_tensors.items():  # copies of the same checkpoint's tensors: bit-equal
+        assert torch.equal(mapping.model_tensors[key], value), key
+    assert mapping.rein_tensors.keys() == reference.rein_tensors.keys()
 
 
 def test_unknown_and_ill_fitting_tensors_raise_naming_them():

@@ -4,6 +4,7 @@ at full size (built on the meta device) and a scaled-down copy that loads a chec
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 import rein_peft
-from rein_peft import Dinov2PyramidBackbone, Dinov2PyramidConfig, build_official_segmenter, official_segmenter_config
-from rein_peft.official import HEAD_MODULES, apply_method, mask_targets, semantic_logits
+from rein_peft import (
+    Dinov2PyramidBackbone,
+    Dinov2PyramidConfig,
+    build_official_segmenter,
+    evaluation,
+    official,
+    official_segmenter_config,
+    semantic_scores,
+)
+from rein_peft.official import HEAD_MODULES, apply_method, mask_targets
 
 # the scaled-down copy: 6 layers (pyramid from layers 2, 3, 4, 6), width 32, patch 8 on 64x64 images
 TINY_BACKBONE = {
@@ -30,10 +39,8 @@ TINY_BACKBONE = {
 TINY_DECODER = {
     "num_queries": 6,
     "hidden_dim": 32,
-    "mask_feature_size": 32,
-    "feature_size": 32,
+    "num_decoder_layers": 2,
     "encoder_layers": 1,
-    "decoder_layers": 3,
     "dim_feedforward": 32,
     "encoder_feedforward_dim": 32,
     "num_attention_heads": 2,
@@ -75,6 +82,8 @@ def test_official_config_is_the_official_recipe():
     assert backbone.apply_layernorm is False and backbone.feature_scales == [4, 2, 1, 0.5]
     assert (config.feature_strides, config.common_stride) == ([4, 8, 16, 32], 4)
     assert (config.num_queries, config.hidden_dim, config.encoder_layers, config.num_labels) == (100, 256, 6, 19)
+    assert (config.feature_size, config.mask_feature_size, config.dim_feedforward) == (256, 256, 2048)
+    assert (config.encoder_feedforward_dim, config.decoder_layers) == (1024, 10)  # transformers' count: 9 + 1
     losses = (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight)
     assert losses == (2.0, 5.0, 5.0, 0.1)
     assert (config.train_num_points, config.oversample_ratio, config.importance_sample_ratio) == (12544, 3.0, 0.75)
@@ -86,6 +95,56 @@ def test_official_config_is_the_official_recipe():
     group_norms = [module for module in model.modules() if isinstance(module, nn.GroupNorm)]
     assert group_norms and all(module.num_groups == 32 for module in group_norms)
     assert type(model.get_submodule(BACKBONE)) is Dinov2PyramidBackbone
+
+
+@pytest.mark.parametrize("num_decoder_layers", [1, 2, 9])
+def test_one_width_and_the_official_layer_count_size_the_head(num_decoder_layers):
+    backbone = tf.Dinov2Config(**TINY_BACKBONE)
+    config = official_segmenter_config(backbone, hidden_dim=32, num_decoder_layers=num_decoder_layers)
+    assert config.hidden_dim == config.feature_size == config.mask_feature_size == 32
+    assert (config.dim_feedforward, config.encoder_feedforward_dim) == (8 * 32, 4 * 32)  # the official 2048 / 1024
+    assert config.decoder_layers == num_decoder_layers + 1  # transformers counts the prediction before layer 1
+    with torch.device("meta"):
+        model = tf.Mask2FormerForUniversalSegmentation(config)
+    assert len(model.model.transformer_module.decoder.layers) == num_decoder_layers
+    assert official.mask2former_decoder_fields(32, num_decoder_layers) == {
+        "hidden_dim": 32,
+        "feature_size": 32,
+        "mask_feature_size": 32,
+        "decoder_layers": num_decoder_layers + 1,
+    }
+    assert rein_peft.protocol.mask2former_sizes(32)["decoder_layers"] == 3  # the small Mask2Former: 2 layers
+    overridden = official_segmenter_config(backbone, hidden_dim=32, dim_feedforward=48)
+    assert (overridden.dim_feedforward, overridden.decoder_layers) == (48, 10)
+
+
+def test_the_old_spellings_of_the_sizes_warn_and_build_the_same_config():
+    backbone = tf.Dinov2Config(**TINY_BACKBONE)
+    with pytest.warns(FutureWarning, match=r"hidden_dim=32, num_decoder_layers=2 instead"):
+        old = official_segmenter_config(
+            backbone, hidden_dim=32, feature_size=32, mask_feature_size=32, decoder_layers=3
+        )
+    assert old.to_dict() == official_segmenter_config(backbone, hidden_dim=32, num_decoder_layers=2).to_dict()
+    with pytest.raises(ValueError, match=r"feature_size=64 differs from hidden_dim=32.*hidden_dim=64"):
+        official_segmenter_config(backbone, hidden_dim=32, feature_size=64)
+    with pytest.raises(ValueError, match=r"decoder_layers=3 .*2 layers.* contradicts num_decoder_layers=4"):
+        official_segmenter_config(backbone, num_decoder_layers=4, decoder_layers=3)
+    with pytest.raises(ValueError, match="hidden_dim and num_decoder_layers must be positive"):
+        official_segmenter_config(backbone, num_decoder_layers=0)
+
+
+@pytest.mark.parametrize(
+    ("module", "new"), [(official, "semantic_scores"), (evaluation, "whole_inference")], ids=["official", "evaluation"]
+)
+def test_the_old_semantic_logits_names_warn_with_the_new_name(module, new):
+    with pytest.warns(FutureWarning, match=rf"`{module.__name__}.semantic_logits` is deprecated.*rein_peft.{new}`"):
+        old = module.semantic_logits
+    assert old is getattr(rein_peft, new) is getattr(evaluation, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names do not warn
+        getattr(rein_peft, new)
+    with pytest.raises(AttributeError, match="has no attribute 'semantic_logit'"):
+        module.semantic_logit  # noqa: B018
 
 
 def test_full_size_trainable_parameters():
@@ -168,7 +227,7 @@ def test_pyramid_levels_are_the_refined_outputs_of_the_official_layers(tiny_chec
         assert_same_numbers(feature, expected)
 
 
-def test_mask_targets_and_semantic_logits():
+def test_mask_targets_and_semantic_scores():
     label_maps = torch.tensor([[[0, 2], [255, 2]], [[1, 1], [1, 255]]])
     targets = mask_targets(label_maps, ignore_index=255)
     assert [classes.tolist() for classes in targets["class_labels"]] == [[0, 2], [1]]
@@ -181,7 +240,7 @@ def test_mask_targets_and_semantic_logits():
     expected = torch.zeros(2, 3, 3, 3)
     for query in range(5):  # the official inference: class probabilities (no object dropped) times sigmoid masks
         expected += class_logits.softmax(-1)[:, query, :3, None, None] * mask_logits[:, query, None].sigmoid()
-    assert_same_numbers(semantic_logits(outputs), expected)
+    assert_same_numbers(semantic_scores(outputs), expected)
 
 
 @pytest.mark.parametrize("method", ["rein", "frozen", "full", "lora"])
@@ -256,7 +315,7 @@ def test_official_segmenter_refuses_bad_inputs(tiny_checkpoint, tmp_path):
         build_official_segmenter(str(shallower), NUM_LABELS, config=tiny_config(tiny_checkpoint))
     with pytest.raises(ValueError, match="method must be one of"):
         build_official_segmenter(None, NUM_LABELS, method="adapter", config=tiny_config(tiny_checkpoint))
-    plain = tf.Mask2FormerConfig(backbone_config=tf.Dinov2Config(**TINY_BACKBONE), **TINY_DECODER)
+    plain = tf.Mask2FormerConfig(backbone_config=tf.Dinov2Config(**TINY_BACKBONE))
     with pytest.raises(ValueError, match="official_segmenter_config"):
         build_official_segmenter(None, NUM_LABELS, config=plain)
     with pytest.raises(ValueError, match="4 distinct layers"):

@@ -36,7 +36,7 @@ def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
     assert result["offline"] and result["source_names"] == ["gta"]
     assert result["target_names"] == ["cityscapes", "bdd100k", "mapillary"]
     # the official test sizes divided by 8
-    assert result["test_sizes"] == {"cityscapes": (128, 64), "bdd100k": (160, 90), "mapillary": (128, 64)}
+    assert result["test_sizes"] == {"cityscapes": (64, 128), "bdd100k": (90, 160), "mapillary": (64, 128)}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert list(saved["methods"]) == ["frozen", "rein"]
     for method, row in saved["methods"].items():

@@ -14,8 +14,8 @@ import transformers as tf
 from conftest import SIZES, assert_same_numbers, tiny_upernet
 from PIL import Image
 
-from rein_peft import protocol, slide_inference
-from rein_peft.evaluation import MEAN_IOU_METRIC, evaluate_segmentation, keep_ratio_size, semantic_logits
+from rein_peft import evaluate_segmentation, keep_ratio_size, protocol, slide_inference, whole_inference
+from rein_peft.evaluation import MEAN_IOU_METRIC
 
 LABELS = 3
 
@@ -61,7 +61,7 @@ def _pixels(height: int, width: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def test_class_scores_are_the_standard_semantic_scores(model):
     pixels = _pixels(32, 32)
-    scores = semantic_logits(model, pixels)
+    scores = whole_inference(model, pixels)
     assert scores.shape == (1, LABELS, 32, 32)
     outputs = model(pixel_values=pixels)
     if hasattr(outputs, "masks_queries_logits"):  # written out: sum over queries of class prob x mask prob
@@ -79,7 +79,7 @@ def test_class_scores_are_the_standard_semantic_scores(model):
 @torch.no_grad()
 def test_one_crop_covering_the_image_is_whole_image_inference(model):
     pixels = _pixels(32, 32)
-    expected = semantic_logits(model, pixels)
+    expected = whole_inference(model, pixels)
     torch.testing.assert_close(slide_inference(model, pixels, crop_size=48, stride=32), expected)
     torch.testing.assert_close(slide_inference(model, pixels, crop_size=32, stride=11), expected)
 
@@ -99,7 +99,7 @@ def _reference_slide(model, pixels: torch.Tensor, crop: int, stride: int) -> tor
     count = torch.zeros(height, width, dtype=torch.float64)
     for top in starts(height):
         for left in starts(width):
-            scores = semantic_logits(model, pixels[:, :, top : top + crop, left : left + crop]).double()
+            scores = whole_inference(model, pixels[:, :, top : top + crop, left : left + crop]).double()
             for row in range(scores.shape[2]):
                 for col in range(scores.shape[3]):
                     total[0, :, top + row, left + col] += scores[0, :, row, col]
@@ -134,10 +134,13 @@ def test_official_grid_and_bad_strides():
 
 
 def test_test_size_keeps_the_aspect_ratio_within_the_scale():
-    assert keep_ratio_size(1024, 2048, (1024, 512)) == (512, 1024)  # Cityscapes
-    assert keep_ratio_size(720, 1280, (1280, 720)) == (720, 1280)  # BDD100K, unchanged
-    assert keep_ratio_size(3024, 4032, (1024, 512)) == (512, 683)  # a 4:3 Mapillary image: the short side binds
-    assert keep_ratio_size(1000, 3000, (1024, 512)) == (341, 1024)  # a panorama: the long side binds
+    # (height, width) in, scale (height, width), (height, width) out
+    assert keep_ratio_size(1024, 2048, (512, 1024)) == (512, 1024)  # Cityscapes
+    assert keep_ratio_size(720, 1280, (720, 1280)) == (720, 1280)  # BDD100K, unchanged
+    assert keep_ratio_size(3024, 4032, (512, 1024)) == (512, 683)  # a 4:3 Mapillary image: the short side binds
+    assert keep_ratio_size(4032, 3024, (512, 1024)) == (683, 512)  # the same image upright
+    assert keep_ratio_size(1000, 3000, (512, 1024)) == (341, 1024)  # a panorama: the long side binds
+    assert keep_ratio_size(1000, 3000, (1024, 512)) == (341, 1024)  # mmseg's (width, height) spelling: the same
 
 
 def _labelled_dataset(num_images: int, height: int, width: int) -> datasets.Dataset:
@@ -159,7 +162,7 @@ def test_data_set_mean_iou_is_evaluates_mean_iou_of_the_resized_predictions():
     data = _labelled_dataset(3, 30, 50)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     result = evaluate_segmentation(
-        model, data, mean, std, test_size=(25, 15), crop_size=16, stride=10, predictions_of=[1]
+        model, data, mean, std, test_size=(15, 25), crop_size=16, stride=10, predictions_of=[1]
     )
 
     predictions, references = [], []
