@@ -14,7 +14,7 @@ downloaded here, so this script builds a faithful miniature and runs the same pr
    together ("real"). Each split is a `datasets.Dataset` of images and label maps, drawn from fixed seeds.
 3. For each method, with the same decoder (UperNet over a `Dinov2Backbone` fed by 4 layers), steps, batches and
    optimiser (AdamW, poly schedule): the frozen backbone + decoder, PEFT LoRA, full fine-tuning, Rein full-rank and
-   Rein with lora_dim=16. Reports mIoU (`evaluate`'s mean IoU) on held-out source images and on each target style,
+   Rein with lora_dim=16. Reports mIoU on held-out source images and on each target style,
    the mean over targets, trainable parameters and train time, over 3 seeds (mean and standard deviation), and,
    since every target style redraws the source's held-out scenes, how similar the features the decoder reads are
    for the same scene in the source and in a target style.
