@@ -346,12 +346,14 @@ def test_domain_generalization_benchmark_compares_methods_on_the_official_segmen
     """`--segmenter official`: every method on the same pyramid Mask2Former, Rein as the official one."""
     monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
     import domain_generalization as dg
+    from dg_miniature.foundations import QUICK_SIZES
+    from dg_miniature.methods import MINIATURE_OFFICIAL_DECODER
 
     flags = ["--quick", "--segmenter", "official", "--methods", "frozen", "rein_lora16"]
     result = dg.main([*flags, "--cache_dir", str(tmp_path / "cache"), "--output", str(tmp_path)])
-    assert (tmp_path / "domain_generalization_official_quick.json").is_file()
-    summary, width = result["summary"], dg.QUICK_RECIPE.hidden
-    queries, query_width = dg.MINIATURE_OFFICIAL_DECODER["num_queries"], result["settings"]["decoder_channels"]
+    assert (tmp_path / "domain_generalization_vicreg_official_quick.json").is_file()
+    summary, width = result["summary"], QUICK_SIZES["hidden"]
+    queries, query_width = MINIATURE_OFFICIAL_DECODER["num_queries"], result["settings"]["decoder_channels"]
     head = summary["frozen"]["trainable_params"]
     assert summary["frozen"]["trainable_backbone_params"] == 0
     rein = rein_parameters(4, queries, 16, width, query_width) + linear_parameters(query_width)
