@@ -30,10 +30,10 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register Rein in PEFT's method tables and model cards, make failed adapter loads leave the model as it was
-    (see `rein_peft.rollback`), let a Rein adapter folder loaded alone build its base with the head's labels (see
-    `rein_peft.auto_loading`), and register the pyramid backbone with transformers' auto classes. Runs on import;
-    calling it again changes nothing."""
+    """Register Rein in PEFT's method tables and model cards, make failed loads of Rein adapters (only theirs) leave
+    the model as it was (see `rein_peft.rollback`), let a Rein adapter folder loaded alone build its base with the
+    head's labels (see `rein_peft.auto_loading`), and register the pyramid backbone with transformers' auto classes.
+    Runs on import; calling it again changes nothing."""
     PEFT_TYPE_TO_CONFIG_MAPPING[ReinPeftType.REIN] = ReinConfig
     PEFT_TYPE_TO_TUNER_MAPPING[ReinPeftType.REIN] = ReinModel
     PEFT_TYPE_TO_PREFIX_MAPPING[ReinPeftType.REIN] = ReinModel.prefix

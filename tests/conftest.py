@@ -130,6 +130,10 @@ FAMILIES = {
 # the very same tensors go through the very same kernels (a cache hit, copied weights).
 FLOAT32_RTOL = 1e-5
 
+# Tests that launch several processes (torchrun, accelerate launch) rendezvous on the launchers' default port 29500:
+# pytest-xdist runs the tests of this group one after the other, on one worker
+MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
+
 
 def assert_same_numbers(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FLOAT32_RTOL) -> None:
     """Assert that two separately computed tensors hold the same numbers up to float32 rounding: each element within

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,20 +41,28 @@ def download_peft_sdist(version: str, cache_root: Path = SDIST_CACHE) -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    command += [f"peft=={version}", "-d", str(folder)]
+    # pip downloads into a folder of this process's own and the file then moves into place in one step: test
+    # processes running side by side (pytest-xdist workers) may download at once, and none reads a half-written file
+    staging = Path(tempfile.mkdtemp(dir=folder))
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"`{' '.join(command)}` did not finish in {PIP_TIMEOUT_S} s.") from error
-    found = sorted(folder.glob(f"peft-{version}.tar.gz"))
-    if result.returncode != 0 or not found:
-        raise RuntimeError(
-            f"Could not download PEFT {version}'s source distribution, which holds PEFT's test suite: "
-            f"`{' '.join(command)}` exited with {result.returncode}.\n{result.stderr[-2000:]}\n"
-            "The suite needs the package registry (PyPI); check the network or the pip configuration."
-        )
-    return found[0]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        command += [f"peft=={version}", "-d", str(staging)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            raise RuntimeError(f"`{' '.join(command)}` did not finish in {PIP_TIMEOUT_S} s.") from error
+        found = sorted(staging.glob(f"peft-{version}.tar.gz"))
+        if result.returncode != 0 or not found:
+            raise RuntimeError(
+                f"Could not download PEFT {version}'s source distribution, which holds PEFT's test suite: "
+                f"`{' '.join(command)}` exited with {result.returncode}.\n{result.stderr[-2000:]}\n"
+                "The suite needs the package registry (PyPI); check the network or the pip configuration."
+            )
+        sdist = folder / found[0].name
+        os.replace(found[0], sdist)
+        return sdist
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def extract_peft_tests(sdist: Path, destination: Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MULTIPROCESS
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from PIL import Image
@@ -141,6 +142,7 @@ def _assert_ranks_agree_and_adapter_loads(weights_folder: Path, output_dir: Path
         assert torch.equal(loaded_weights[name], tensor), name
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, launcher):
     weights_folder = tmp_path / "weights"

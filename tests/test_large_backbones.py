@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers as tf
-from conftest import assert_same_numbers, pixels, randomize_adapter, tiny_dinov2
+from conftest import MULTIPROCESS, assert_same_numbers, pixels, randomize_adapter, tiny_dinov2
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -72,12 +72,14 @@ def _assert_adapter_matches_reference(out: Path) -> None:
         assert torch.allclose(loaded(x).logits, reference.eval()(x).logits, atol=1e-5)
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("launcher", ["plain", "accelerate"])
 def test_fsdp2_training_matches_one_process_and_saves_a_complete_adapter(tmp_path, launcher):
     _launch(launcher, tmp_path)
     _assert_adapter_matches_reference(tmp_path)
 
 
+@MULTIPROCESS
 @pytest.mark.parametrize("launcher", ["plain", "accelerate"])
 def test_fsdp2_training_resumes_from_a_sharded_checkpoint(tmp_path, launcher):
     _launch(launcher, tmp_path, "--stop_after", "3")
