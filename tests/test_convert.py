@@ -156,7 +156,7 @@ def test_ill_formed_rein_tensors_are_named_in_the_official_names(change, message
     base = tiny_dinov2(classifier=False)
     before = {key: value.clone() for key, value in base.state_dict().items()}
     with pytest.raises(OfficialCheckpointError, match=message):
-        convert_official_checkpoint(_mmseg_checkpoint(tensors)["state_dict"], base)
+        convert_official_checkpoint(mmseg_checkpoint(tensors)["state_dict"], base)
     assert not hasattr(base, "peft_config")
     for key, value in base.state_dict().items():
         assert torch.equal(value, before[key]), key

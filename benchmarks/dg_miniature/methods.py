@@ -38,7 +38,12 @@ OFFICIAL_METHODS = {
     "rein": "rein_full_rank",
     "rein_lora16": "rein",
 }
-MINIATURE_OFFICIAL_DECODER = {"encoder_layers": 2, "num_decoder_layers": 3, "num_queries": 16, "train_num_points": 1024}
+MINIATURE_OFFICIAL_DECODER = {
+    "encoder_layers": 2,
+    "num_decoder_layers": 3,
+    "num_queries": 16,
+    "train_num_points": 1024,
+}
 
 
 def segmenter_config(
