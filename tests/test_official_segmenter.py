@@ -3,6 +3,7 @@ at full size (built on the meta device) and a scaled-down copy that loads a chec
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -113,7 +114,8 @@ def test_one_width_and_the_official_layer_count_size_the_head(num_decoder_layers
         "mask_feature_size": 32,
         "decoder_layers": num_decoder_layers + 1,
     }
-    assert rein_peft.protocol.mask2former_sizes(32)["decoder_layers"] == 3  # the small Mask2Former: 2 layers
+    sizes = importlib.import_module("rein_peft.protocol").mask2former_sizes(32)
+    assert sizes["decoder_layers"] == 3  # the small Mask2Former: 2 layers
     overridden = official_segmenter_config(backbone, hidden_dim=32, dim_feedforward=48)
     assert (overridden.dim_feedforward, overridden.decoder_layers) == (48, 10)
 
