@@ -18,7 +18,7 @@ downloaded here, so this script builds a faithful miniature and runs the same pr
    the mean over targets, trainable parameters and train time, over 3 seeds (mean and standard deviation), and,
    since every target style redraws the source's held-out scenes, how similar the features the decoder reads are
    for the same scene in the source and in a target style.
-   mIoU and per-class IoU come from `rein_peft.evaluation.evaluate_segmentation` (the protocol's sliding window),
+   mIoU and per-class IoU come from `rein_peft.evaluate_segmentation` (the protocol's sliding window),
    and the first seed's predictions of a few scenes per split are drawn in a picture.
 4. Before any method is compared, Rein's premise is checked and printed: for each unseen style, the cosine
    similarity of the frozen foundation's deepest features for the same scenes in the source and that style (the
@@ -59,6 +59,8 @@ from dg_miniature import report
 from dg_miniature.benchmark import run
 from dg_miniature.foundations import FOUNDATIONS
 from dg_miniature.methods import METHODS, SEGMENTERS
+
+from rein_peft.utils.extras import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --quick: a tiny task and run (the foundation is shrunk too: `dg_miniature.foundations.QUICK_SIZES`)
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, value)
     if args.target and args.source is None:
         parser.error("--target needs --source: the dataset to train on")
+    require("matplotlib", purpose="The domain-generalization chart")  # before minutes of training
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()

@@ -39,7 +39,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
 
 import rein_peft
-from rein_peft.extras import require
+from rein_peft.utils.extras import require
 
 METHODS = ("full", "lora16", "rein", "rein+ckpt", "rein+int8", "rein+int8+ckpt")
 LABELS, TOKENS, RANK = 10, 100, 16

@@ -18,7 +18,7 @@ import time
 import torch
 
 import rein_peft
-from rein_peft.official import METHODS
+from rein_peft.official.segmenter import METHODS
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,7 +30,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
 import rein_peft
-from rein_peft.extras import require
+from rein_peft.utils.extras import require
 
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}  # hidden size, layers, heads
 CONVNEXT_SIZES = {"CNX-T": ([96, 192, 384, 768], [3, 3, 9, 3])}  # ConvNeXt-T: each stage's width and depth

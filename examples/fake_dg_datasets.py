@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from rein_peft import dg_data
+from rein_peft.official import dg_data
 
 # each data set's real image size (width, height), the fakes are drawn at 1/16 of it; Mapillary's sizes vary
 REAL_SIZES = {
@@ -97,7 +97,7 @@ def write_fake_dataset(
     """Write `num_images` fake images and label files of data set `name` under `root`, in its real layout.
 
     Args:
-        name: One of `rein_peft.dg_data.TEST_SIZES`' data sets.
+        name: One of `rein_peft.official.dg_data.TEST_SIZES`' data sets.
         root: The data set's folder (created).
         num_images: Images to write.
         split: The split folder, for the data sets that have them (`train` or `val`).

@@ -46,10 +46,10 @@ from transformers import Dinov2Config, Dinov2Model, HfArgumentParser, Trainer, T
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import rein_peft
-from rein_peft import dg_data, evaluation, protocol
-from rein_peft.compat import silence_peft_deprecations
-from rein_peft.extras import MissingExtraError, require
-from rein_peft.official import BACKBONE_MODULE, METHODS
+from rein_peft.official import dg_data, evaluation, protocol
+from rein_peft.official.segmenter import BACKBONE_MODULE, METHODS
+from rein_peft.utils.compat import silence_peft_deprecations
+from rein_peft.utils.extras import MissingExtraError, require
 
 # reported mIoU (%), DINOv2-L + Mask2Former trained on GTAV: the paper's Table (frozen backbone, Rein) and the official
 # README's release (Rein); REIN.md, "Reference numbers"

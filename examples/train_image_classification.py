@@ -42,7 +42,7 @@ from transformers import (
 )
 
 import rein_peft
-from rein_peft.compat import silence_peft_deprecations
+from rein_peft.utils.compat import silence_peft_deprecations
 
 HEAD_NAME = "classifier"  # the head of every transformers *ForImageClassification model
 ACCURACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "accuracy.py")

@@ -55,10 +55,10 @@ from transformers import (
 )
 
 import rein_peft
-from rein_peft import protocol
-from rein_peft.compat import silence_peft_deprecations
-from rein_peft.extras import MissingExtraError, require
-from rein_peft.protocol import BACKBONE_MODULE, DECODER_MODULES
+from rein_peft.official import protocol
+from rein_peft.official.protocol import BACKBONE_MODULE, DECODER_MODULES
+from rein_peft.utils.compat import silence_peft_deprecations
+from rein_peft.utils.extras import MissingExtraError, require
 
 DEFAULT_IMAGE_SIZE = 224  # for a checkpoint, unless --image_size says otherwise
 EMBEDDED_DEFAULTS = {
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         config.token_length, config.query_dims = base.config.num_queries, base.config.hidden_dim
     try:
         if script.official_segmenter:  # the official Rein (100 low-rank tokens of rank 16, linked), not the flags'
-            model = rein_peft.official.apply_method(base, "rein")
+            model = rein_peft.official.segmenter.apply_method(base, "rein")
         else:
             model = get_peft_model(base, config)
     except ValueError as error:  # ReinUnsupportedModelError, a decoder that does not fit the linked queries, ...

@@ -12,7 +12,7 @@ import argparse
 
 from transformers import AutoImageProcessor
 
-from .pyramid import resize_patch_embedding
+from .official.pyramid import resize_patch_embedding
 
 PROG = "python -m rein_peft.resize_backbone"
 

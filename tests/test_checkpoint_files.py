@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import tiny_dinov2
 from peft import get_peft_model_state_dict
-from test_convert import _mmseg_checkpoint, official_state_dict
+from test_convert import mmseg_checkpoint, official_state_dict
 
 from rein_peft import OfficialCheckpointError, convert_official_checkpoint
-from rein_peft.convert import read_checkpoint
-from rein_peft.safe_load import InertGlobal, UnsafeCheckpointError, load_checkpoint
+from rein_peft.official.convert import read_checkpoint
+from rein_peft.official.safe_load import InertGlobal, UnsafeCheckpointError, load_checkpoint
 
 HISTORY_BUFFER_MODULE = "mmengine.logging.history_buffer"
 
@@ -76,7 +76,7 @@ def _save_mmengine_checkpoint(path, state_dict: dict, monkeypatch) -> None:
 
 def test_an_mmengine_checkpoint_loads_as_inert_data_without_importing_anything(tmp_path, monkeypatch):
     tensors = official_state_dict(low_rank=True, linked=True)
-    _save_mmengine_checkpoint(tmp_path / "iter_40000.pth", _mmseg_checkpoint(tensors)["state_dict"], monkeypatch)
+    _save_mmengine_checkpoint(tmp_path / "iter_40000.pth", mmseg_checkpoint(tensors)["state_dict"], monkeypatch)
     # numpy's reconstructors must not be called either: only the checkpoint's tensors are used
     for name in ("scalar", "_reconstruct"):
         monkeypatch.setattr(np._core.multiarray, name, lambda *args: pytest.fail("numpy was called"))
@@ -98,12 +98,12 @@ def test_an_mmengine_checkpoint_loads_as_inert_data_without_importing_anything(t
     assert torch.is_tensor(loaded["optimizer"]["state"][0]["exp_avg"])
     for name, tensor in tensors.items():  # the weights are copied, not computed
         assert torch.equal(loaded["state_dict"][f"backbone.reins.{name}"], tensor)
-    assert set(read_checkpoint(tmp_path / "iter_40000.pth")) == set(_mmseg_checkpoint(tensors)["state_dict"])
+    assert set(read_checkpoint(tmp_path / "iter_40000.pth")) == set(mmseg_checkpoint(tensors)["state_dict"])
 
 
 def test_an_mmengine_checkpoint_converts(tmp_path, monkeypatch):
     tensors = official_state_dict(low_rank=False, linked=False)
-    _save_mmengine_checkpoint(tmp_path / "iter_40000.pth", _mmseg_checkpoint(tensors)["state_dict"], monkeypatch)
+    _save_mmengine_checkpoint(tmp_path / "iter_40000.pth", mmseg_checkpoint(tensors)["state_dict"], monkeypatch)
     from_file = convert_official_checkpoint(tmp_path / "iter_40000.pth", tiny_dinov2(classifier=False))
     from_tensors = convert_official_checkpoint(tensors, tiny_dinov2(classifier=False))
     converted, expected = get_peft_model_state_dict(from_file), get_peft_model_state_dict(from_tensors)
@@ -136,7 +136,7 @@ class RunsPython:
 @pytest.mark.parametrize("where", ["meta", "state_dict"])
 def test_a_file_that_would_run_code_is_refused(tmp_path, hostile, where):
     marker = tmp_path / "marker"
-    state_dict = _mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
+    state_dict = mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
     checkpoint = {"meta": {"seed": np.int64(3)}, "state_dict": state_dict}
     if where == "meta":
         checkpoint["meta"]["hook"] = hostile(marker)
@@ -156,7 +156,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path, hostile, where):
 
 
 def test_a_legacy_format_file_loads_with_pytorchs_allow_list(tmp_path):
-    state_dict = _mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
+    state_dict = mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
     torch.save({"state_dict": state_dict}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert read_checkpoint(tmp_path / "legacy.pth").keys() == state_dict.keys()
     torch.save({"meta": {"seed": np.int64(3)}}, tmp_path / "legacy_numpy.pth", _use_new_zipfile_serialization=False)
@@ -165,7 +165,7 @@ def test_a_legacy_format_file_loads_with_pytorchs_allow_list(tmp_path):
 
 
 def test_an_unknown_object_in_the_state_dict_is_not_taken_for_a_tensor(tmp_path, monkeypatch):
-    state_dict = _mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
+    state_dict = mmseg_checkpoint(official_state_dict(low_rank=False, linked=False))["state_dict"]
     state_dict["backbone.reins.scale"] = HistoryBuffer([1.0])  # an object where a tensor belongs
     _save_mmengine_checkpoint(tmp_path / "odd.pth", state_dict, monkeypatch)
     with pytest.raises(OfficialCheckpointError, match=r"'backbone\.reins\.scale': 'HistoryBuffer'.*torch\.tensor"):

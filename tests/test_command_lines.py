@@ -19,10 +19,15 @@ SCRIPTS = sorted(
     for path in (REPO / folder).glob("*.py")
     if "def main(" in path.read_text()
 )
+# every module of the package, subpackages included, that runs as `python -m rein_peft.<dotted name>`
+def _source(module: pkgutil.ModuleInfo) -> str:
+    return Path(module.module_finder.path, f"{module.name.rpartition('.')[2]}.py").read_text()
+
+
 MODULES = sorted(
-    module.name
-    for module in pkgutil.iter_modules(rein_peft.__path__)
-    if 'if __name__ == "__main__":' in (Path(rein_peft.__path__[0]) / f"{module.name}.py").read_text()
+    module.name.removeprefix("rein_peft.")
+    for module in pkgutil.walk_packages(rein_peft.__path__, "rein_peft.")
+    if not module.ispkg and 'if __name__ == "__main__":' in _source(module)
 )
 
 
@@ -36,7 +41,7 @@ def _help(monkeypatch, capsys, argv0: str, run) -> str:
 
 def test_the_command_lines_are_found():
     assert {"examples/train_image_classification.py", "benchmarks/memory.py"} <= set(SCRIPTS)
-    assert "resize_backbone" in MODULES
+    assert {"resize_backbone", "convert_dinov2"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rein_peft import ReinConfig, ReinStateDictError
-from rein_peft.discovery import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE, discover
-from rein_peft.export import export_onnx, export_program
-from rein_peft.layer import ReinLayer
+from rein_peft.integrations.export import export_onnx, export_program
+from rein_peft.tuners.rein.discovery import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE, discover
+from rein_peft.tuners.rein.layer import ReinLayer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOKENS, RANK, LABELS, QUERIES, QUERY_WIDTH = 5, 2, 3, 5, 32  # Mask2Former's GroupNorms need widths of 32k

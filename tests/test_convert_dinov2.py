@@ -31,7 +31,8 @@ from test_convert_head import (
 
 import rein_peft
 from rein_peft import OfficialCheckpointError, build_official_segmenter, convert_dinov2_checkpoint
-from rein_peft.convert_dinov2 import main, map_dinov2_checkpoint
+from rein_peft.convert_dinov2 import main
+from rein_peft.official.convert_backbone import map_dinov2_checkpoint
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
 from rein_peft import convert_official_checkpoint, get_queries, official_segmenter_config
-from rein_peft.convert import OfficialCheckpointError, load_official_model_tensors, map_official_checkpoint
+from rein_peft.official.convert import OfficialCheckpointError, load_official_model_tensors, map_official_checkpoint
 
 # the tiny segmentor: C wide everywhere (GroupNorm needs 32k), 4 backbone stages, 3 deformable levels
 C, HEADS, POINTS, LEVELS, ENC_LAYERS, DEC_LAYERS, ENC_FFN, DEC_FFN, CLASSES = 32, 2, 4, 3, 2, 2, 64, 48, 3

@@ -1,6 +1,6 @@
-"""rein_peft.dg_data: the six data sets read from fake copies in their real layouts (file names, nesting, bit depths,
-label encodings), the id tables against independently written ones, clear errors naming the file, and the official
-training augmentations."""
+"""rein_peft.official.dg_data: the six data sets read from fake copies in their real layouts (file names, nesting,
+bit depths, label encodings), the id tables against independently written ones, clear errors naming the file, and the
+official training augmentations."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rein_peft import dg_data, load_dg_dataset
+from rein_peft.official import dg_data, load_dg_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from fake_dg_datasets import REAL_SIZES, save_png16, write_fake_dataset  # noqa: E402

@@ -13,7 +13,7 @@ from reference import ReferenceRein, official_tensors
 from torch import nn
 
 from rein_peft import ReinConfig, ReinUnsupportedModelError
-from rein_peft.discovery import discover
+from rein_peft.tuners.rein.discovery import discover
 
 HIDDEN, PATCH = 32, 8
 

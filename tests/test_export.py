@@ -15,7 +15,7 @@ from conftest import FAMILIES, assert_same_numbers, build, pixels, randomize_ada
 from peft import PeftModel, get_peft_model
 
 from rein_peft import ReinConfig
-from rein_peft.export import export_onnx, export_program
+from rein_peft.integrations.export import export_onnx, export_program
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import rein_peft
-from rein_peft.extras import MissingExtraError
+from rein_peft.utils.extras import MissingExtraError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))

@@ -86,7 +86,8 @@ def adapter_state(model):
 
 def error_of(call):
     # The exception `call` raises, and its chain: type names, message, and any frame inside rein_peft but the
-    # wrapper that puts the model back after a failed load (rein_peft/rollback.py), which every load passes through.
+    # wrapper that puts the model back after a failed load (rein_peft/integrations/rollback.py), which every load
+    # passes through.
     try:
         call()
     except Exception as error:
@@ -94,7 +95,7 @@ def error_of(call):
         while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
             chain.append(cause)
         frames = [frame.filename for link in chain for frame in traceback.extract_tb(link.__traceback__)]
-        rein_dir, rollback = os.path.dirname(rein_peft.__file__), rein_peft.rollback.__file__
+        rein_dir, rollback = os.path.dirname(rein_peft.__file__), rein_peft.integrations.rollback.__file__
         return {"types": [type(link).__name__ for link in chain], "message": str(error),
                 "rein_peft_frames": [name for name in frames if name.startswith(rein_dir) and name != rollback]}
     raise AssertionError(f"{call} raised nothing")

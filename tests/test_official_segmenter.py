@@ -21,12 +21,11 @@ from rein_peft import (
     Dinov2PyramidBackbone,
     Dinov2PyramidConfig,
     build_official_segmenter,
-    evaluation,
     official,
     official_segmenter_config,
     semantic_scores,
 )
-from rein_peft.official import HEAD_MODULES, apply_method, mask_targets
+from rein_peft.official.segmenter import HEAD_MODULES, apply_method, mask_targets
 
 # the scaled-down copy: 6 layers (pyramid from layers 2, 3, 4, 6), width 32, patch 8 on 64x64 images
 TINY_BACKBONE = {
@@ -114,7 +113,7 @@ def test_one_width_and_the_official_layer_count_size_the_head(num_decoder_layers
         "mask_feature_size": 32,
         "decoder_layers": num_decoder_layers + 1,
     }
-    sizes = importlib.import_module("rein_peft.protocol").mask2former_sizes(32)
+    sizes = importlib.import_module("rein_peft.official.protocol").mask2former_sizes(32)
     assert sizes["decoder_layers"] == 3  # the small Mask2Former: 2 layers
     overridden = official_segmenter_config(backbone, hidden_dim=32, dim_feedforward=48)
     assert (overridden.dim_feedforward, overridden.decoder_layers) == (48, 10)
@@ -135,18 +134,16 @@ def test_the_old_spellings_of_the_sizes_warn_and_build_the_same_config():
         official_segmenter_config(backbone, num_decoder_layers=0)
 
 
-@pytest.mark.parametrize(
-    ("module", "new"), [(official, "semantic_scores"), (evaluation, "whole_inference")], ids=["official", "evaluation"]
-)
-def test_the_old_semantic_logits_names_warn_with_the_new_name(module, new):
-    with pytest.warns(FutureWarning, match=rf"`{module.__name__}.semantic_logits` is deprecated.*rein_peft.{new}`"):
-        old = module.semantic_logits
-    assert old is getattr(rein_peft, new) is getattr(evaluation, new)
+def test_the_old_semantic_logits_name_warns_with_the_new_name():
+    message = r"`rein_peft.official.semantic_logits` is deprecated.*rein_peft.semantic_scores`"
+    with pytest.warns(FutureWarning, match=message):
+        old = official.semantic_logits
+    assert old is rein_peft.semantic_scores is official.semantic_scores
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new names do not warn
-        getattr(rein_peft, new)
+        rein_peft.semantic_scores  # noqa: B018
     with pytest.raises(AttributeError, match="has no attribute 'semantic_logit'"):
-        module.semantic_logit  # noqa: B018
+        official.semantic_logit  # noqa: B018
 
 
 def test_full_size_trainable_parameters():

@@ -15,7 +15,7 @@ from torch import nn
 
 import rein_peft
 from rein_peft import ReinConfig, ReinLayer, ReinMergeError, ReinModel, ReinUnsupportedModelError
-from rein_peft.layer import ReinHook
+from rein_peft.tuners.rein.layer import ReinHook
 
 
 def _rein_hooks(model: nn.Module) -> list[ReinHook]:

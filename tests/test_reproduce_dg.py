@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from transformers import HfArgumentParser, TrainingArguments
 
-from rein_peft import dg_data
+from rein_peft.official import dg_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import reproduce_domain_generalization as reproduce  # noqa: E402

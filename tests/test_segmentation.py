@@ -26,7 +26,7 @@ from reference import ReferenceRein, official_tensors
 from torch import nn
 
 from rein_peft import ReinConfig, check_label_maps
-from rein_peft.layer import ReinLinkedQueries
+from rein_peft.tuners.rein.layer import ReinLinkedQueries
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics

@@ -1,5 +1,5 @@
-"""rein_peft.evaluation: per-pixel class scores of each segmentation family, sliding-window inference against a plain
-reference, the test-time resize, and the data-set mean IoU against `evaluate`'s module."""
+"""rein_peft.official.evaluation: per-pixel class scores of each segmentation family, sliding-window inference
+against a plain reference, the test-time resize, and the data-set mean IoU against `evaluate`'s module."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import transformers as tf
 from conftest import SIZES, assert_same_numbers, tiny_upernet
 from PIL import Image
 
-from rein_peft import evaluate_segmentation, keep_ratio_size, protocol, slide_inference, whole_inference
-from rein_peft.evaluation import MEAN_IOU_METRIC
+from rein_peft import evaluate_segmentation, keep_ratio_size, slide_inference, whole_inference
+from rein_peft.official import protocol
+from rein_peft.official.evaluation import MEAN_IOU_METRIC
 
 LABELS = 3
 
@@ -125,7 +126,7 @@ def test_slide_inference_on_every_family_matches_the_reference(model):
 
 
 def test_official_grid_and_bad_strides():
-    from rein_peft.evaluation import _window_starts
+    from rein_peft.official.evaluation import _window_starts
 
     assert _window_starts(1024, 512, 341) == [0, 341, 512]  # Cityscapes at 1024x512: 3 crops across, 1 down
     assert _window_starts(1280, 512, 341) == [0, 341, 682, 768] and _window_starts(720, 512, 341) == [0, 208]

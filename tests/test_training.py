@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 
 import rein_peft
 from rein_peft import ReinConfig
-from rein_peft.model import find_rein_layers
+from rein_peft.tuners.rein.model import find_rein_layers
 
 DROPOUT = {"hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5, "drop_path_rate": 0.5}
 

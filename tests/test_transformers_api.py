@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import rein_peft
 from rein_peft import ReinConfig, ReinLayer, ReinStateDictError
-from rein_peft.auto_loading import WRAPPED_MARK, saved_labels
+from rein_peft.integrations.auto_loading import WRAPPED_MARK, saved_labels
 
 # compares separately computed numbers: scripts/test.sh runs these tests again under OMP_NUM_THREADS=1
 pytestmark = pytest.mark.numerics

@@ -11,8 +11,8 @@ from peft import get_peft_model
 from test_official_segmenter import TINY_BACKBONE, TINY_DECODER
 
 from rein_peft import ReinConfig
-from rein_peft.compat import GRADIENT_CHECKPOINTING_DEPRECATION
-from rein_peft.official import apply_method, official_segmenter_config
+from rein_peft.official.segmenter import apply_method, official_segmenter_config
+from rein_peft.utils.compat import GRADIENT_CHECKPOINTING_DEPRECATION
 
 
 def _deprecations(build) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, Mask2FormerConfig, UperNetConfig
 
-from rein_peft.official import HEAD_MODULES
+from rein_peft.official.segmenter import HEAD_MODULES
 
 from . import report
 from .evaluation import Evaluation, premise_gate, style_similarities, summarize

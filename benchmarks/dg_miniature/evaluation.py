@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import BitImageProcessorPil
 
-from rein_peft.evaluation import evaluate_segmentation
+from rein_peft.official.evaluation import evaluate_segmentation
 
 # Rein's premise, as the gate checks it before the methods are compared: the frozen foundation's deepest features of
 # the same scenes in the source and every target style at least this similar, and (no collapse) the frozen backbone
@@ -22,7 +22,7 @@ PREMISE_MIN_COSINE, PREMISE_MIN_SOURCE_MIOU = 0.8, 0.85
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The protocol's evaluation (`rein_peft.evaluation.evaluate_segmentation`): images resized to `side` (keeping
+    """The protocol's evaluation (`rein_peft.evaluate_segmentation`): images resized to `side` (keeping
     their aspect ratio; the miniature's are already `side`), sliding-window class scores over crops of `side` every
     two thirds of it (the official 512 / 341), mIoU and per-class IoU against the label maps at their own size."""
 

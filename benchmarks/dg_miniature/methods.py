@@ -14,8 +14,8 @@ from torch import nn
 from transformers import Dinov2Backbone, Mask2FormerConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 import rein_peft
-from rein_peft import protocol
-from rein_peft.official import BACKBONE_MODULE, apply_method, mask_targets
+from rein_peft.official import protocol
+from rein_peft.official.segmenter import BACKBONE_MODULE, apply_method, mask_targets
 
 from .task import Task
 

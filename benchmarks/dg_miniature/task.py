@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import datasets
 from transformers import Mask2FormerConfig, UperNetConfig
 
-from rein_peft import protocol
+from rein_peft.official import protocol
 
 from .world import CLASS_NAMES, SOURCE_STYLE, STYLES, scenes
 
@@ -78,6 +78,6 @@ def user_task(args: argparse.Namespace) -> Task:
 def pixel_batches(
     dataset: datasets.Dataset, processor, side: int, config: UperNetConfig | Mask2FormerConfig
 ) -> datasets.Dataset:
-    """The dataset read as model inputs (`rein_peft.protocol.resize_transform`): images resized to `side` and
+    """The dataset read as model inputs (`rein_peft.official.protocol.resize_transform`): images resized to `side` and
     normalised by the backbone's processor, label maps resized with nearest neighbour and checked."""
     return dataset.with_transform(protocol.resize_transform(processor, side, config))

@@ -1,3 +1,3 @@
-"""Mean IoU as a local `evaluate` module: rein_peft's (rein_peft/mean_iou.py), which the examples load by this path."""
+"""Mean IoU as a local `evaluate` module: rein_peft's (rein_peft/official/mean_iou.py), loaded by this path."""
 
-from rein_peft.mean_iou import MeanIoU  # noqa: F401
+from rein_peft.official.mean_iou import MeanIoU  # noqa: F401

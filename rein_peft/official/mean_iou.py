@@ -1,6 +1,6 @@
 """Mean intersection-over-union for semantic segmentation, as a local `evaluate` module (the Hub's "mean_iou" cannot
 be downloaded offline): `evaluate.load(rein_peft.evaluation.MEAN_IOU_METRIC)`. Same output keys as the Hub's metric;
-the arithmetic is `rein_peft.evaluation`'s, which the data-set evaluation streams."""
+the arithmetic is `rein_peft.official.evaluation`'s, which the data-set evaluation streams."""
 
 from __future__ import annotations
 

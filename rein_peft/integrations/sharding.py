@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .config import is_adapter_key
+from ..tuners.rein.config import is_adapter_key
 
 
 def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

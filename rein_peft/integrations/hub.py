@@ -25,7 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftConfig, PeftModel
 from transformers import Trainer
 
-from .config import ReinConfig
+from ..tuners.rein.config import ReinConfig
 
 REIN_TAGS = ("rein", "rein_peft")
 MODEL_CARD_NAME = "README.md"
@@ -225,7 +225,7 @@ def rein_model_card(model: PeftModel, adapter: str) -> ModelCard:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

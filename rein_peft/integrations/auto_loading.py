@@ -23,7 +23,7 @@ from peft.auto import _BaseAutoPeftModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.utils.peft_utils import find_adapter_config_file
 
-from .config import ReinPeftType
+from ..tuners.rein.config import ReinPeftType
 
 # a call that sets any of these chooses the base model's labels itself
 LABEL_ARGUMENTS = ("config", "num_labels", "id2label", "label2id")

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Mask2FormerForUniversalSegmentation
 
-from .compat import peft_deprecations_silenced
-from .config import ReinConfig
-from .model import _tensor_stem
-from .rollback import unchanged_on_failure
+from ..tuners.rein.config import ReinConfig
+from ..tuners.rein.model import _tensor_stem
+from ..tuners.rein.utils import unchanged_on_failure
+from ..utils.compat import peft_deprecations_silenced
 from .safe_load import UnsafeCheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def _rename(name: str, rules: tuple[tuple[re.Pattern, tuple[str, ...]], ...]) ->
 def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: a state dict, a `.safetensors` file, or a `.pth` file read safely.
 
-    A `.pth` file is read by `rein_peft.safe_load.load_checkpoint`: `weights_only=True`, nothing it names imported or
+    A `.pth` file is read by `safe_load.load_checkpoint`: `weights_only=True`, nothing it names imported or
     called, mmengine's `meta` / `message_hub` / optimizer state loaded as inert data and dropped. mmengine keeps the
     weights under "state_dict"; a plain state dict is taken as it is.
 

@@ -1,8 +1,9 @@
 """The segmentation protocol that rein_peft's examples, benchmarks and users share: segmenter configs over a DINOv2
 backbone, data preparation, the batch collator, the official optimiser and the mean IoU of a prepared data set.
 
-The domain-generalization pieces are `rein_peft.dg_data` (the data sets and the training augmentations) and
-`rein_peft.evaluation` (sliding-window evaluation); `examples/reproduce_domain_generalization.py` runs them all.
+The domain-generalization pieces are `rein_peft.official.dg_data` (the data sets and the training augmentations)
+and `rein_peft.official.evaluation` (sliding-window evaluation); `examples/reproduce_domain_generalization.py` runs
+them all.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, PretrainedConfig, UperNetConfig
 
+from ..integrations.training import rein_parameter_groups
 from .evaluation import intersection_and_union, iou_from_areas, whole_inference
-from .official import mask2former_decoder_fields, mask_targets
 from .segmentation import check_label_maps, segmentation_ignore_index
-from .training import rein_parameter_groups
+from .segmenter import mask2former_decoder_fields, mask_targets
 
 DECODERS = ("upernet", "mask2former")
 # the decoder trained beside the frozen backbone, and where the backbone sits, in each segmenter

@@ -1,13 +1,17 @@
-"""Quantized frozen backbones: what may be quantized (the backbone's linear layers) and what must stay in floating
-point (Rein's tensors and the modules that train beside them)."""
+"""What Rein's tuner needs of the model around it: whether a tensor is quantized, which `modules_to_save` cannot be
+copied, and how to put a model back as it was when adding or loading an adapter fails."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .config import MODULES_TO_SAVE, ORIGINAL_MODULE, is_adapter_key
+from .config import MODULES_TO_SAVE
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
@@ -18,19 +22,6 @@ def is_quantized(tensor: torch.Tensor) -> bool:
     if isinstance(tensor, DTensor):
         return False
     return not tensor.is_floating_point() or hasattr(type(tensor), "__tensor_flatten__")
-
-
-def is_backbone_linear(module: nn.Module, name: str) -> bool:
-    """`filter_fn` for torchao's `quantize_` on a model with a Rein adapter: the frozen backbone's `nn.Linear`
-    layers. Not Rein's own linear maps, and not the modules in `modules_to_save` (neither PEFT's copies, which train,
-    nor the original the copies of further adapters are made from): they stay in floating point.
-
-    ```py
-    >>> from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    >>> quantize_(peft_model, Int8WeightOnlyConfig(), filter_fn=rein_peft.is_backbone_linear)
-    ```
-    """
-    return isinstance(module, nn.Linear) and not is_adapter_key(name) and ORIGINAL_MODULE not in name.split(".")
 
 
 def refuse_quantized_modules_to_save(model: nn.Module, module_names: list[str] | None) -> None:
@@ -50,3 +41,27 @@ def refuse_quantized_modules_to_save(model: nn.Module, module_names: list[str] |
                     f"`BitsAndBytesConfig(..., llm_int8_skip_modules=['{short_name}'])`, or torchao's "
                     "`quantize_(peft_model, config, filter_fn=rein_peft.is_backbone_linear)` after `get_peft_model`."
                 )
+
+
+def _module_state(module: nn.Module) -> dict[str, Any]:
+    # the attribute dict, and one level below it the dicts that hold submodules, parameters, buffers and hooks
+    # (`_modules`, `_parameters`, `_forward_hooks`, ...), which are changed in place
+    return {name: dict(value) if isinstance(value, dict) else value for name, value in vars(module).items()}
+
+
+@contextmanager
+def unchanged_on_failure(*modules: nn.Module) -> Iterator[None]:
+    """If the body raises, put every module below `modules` back as it was: its submodules, parameters, buffers,
+    hooks and other attributes, and each parameter's `requires_grad`. Tensor values are not copied: nothing that
+    adds or loads an adapter writes into the base model's tensors."""
+    states = {id(module): (module, _module_state(module)) for root in modules for module in root.modules()}
+    requires_grad = [(param, param.requires_grad) for root in modules for param in root.parameters()]
+    try:
+        yield
+    except BaseException:
+        for module, state in states.values():
+            vars(module).clear()
+            vars(module).update(state)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise

@@ -36,12 +36,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
-from .compat import peft_deprecations_silenced
-from .config import ReinConfig
+from ..tuners.rein.config import ReinConfig
+from ..utils.compat import peft_deprecations_silenced
+from ..utils.extras import require
 from .convert import OFFICIAL_BACKBONE_PREFIX, OFFICIAL_MODULE_NAME, convert_official_checkpoint, read_checkpoint
-from .deprecation import deprecated_aliases
-from .evaluation import semantic_scores
-from .extras import require
 from .pyramid import OFFICIAL_FEATURE_SCALES, PYRAMID_MODEL_TYPE, Dinov2PyramidBackbone, Dinov2PyramidConfig
 
 # DINOv2-L at patch 16 on 512x512 crops: the official backbone (`_base_/models/rein_dinov2_mask2former.py`)
@@ -390,7 +388,3 @@ def mask_targets(label_maps: torch.Tensor, ignore_index: int) -> dict[str, list[
         for label_map, present in zip(label_maps, classes, strict=True)
     ]
     return {"mask_labels": masks, "class_labels": classes}
-
-
-# `rein_peft.official.semantic_logits(outputs, size)` was `semantic_scores` under the name of another function
-__getattr__ = deprecated_aliases(__name__, {"semantic_logits": semantic_scores})

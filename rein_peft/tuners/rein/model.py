@@ -30,8 +30,7 @@ from .layer import (
     ReinSettings,
     summed_queries,
 )
-from .quantization import refuse_quantized_modules_to_save
-from .rollback import unchanged_on_failure
+from .utils import refuse_quantized_modules_to_save, unchanged_on_failure
 
 # attribute under which the ReinLayer hangs on the module that holds the encoder layers; it must not start with
 # the method prefix "rein_", which marks the adapter's own tensors
@@ -195,7 +194,7 @@ def remove_rein(model: nn.Module) -> None:
 class ReinModel(BaseTuner):
     """Rein ("Stronger, Fewer, & Superior", CVPR 2024) as a PEFT tuner. Create it with `peft.get_peft_model`.
 
-    The encoder layers of the base model are found automatically (see `rein_peft.discovery`). Each gets a forward
+    The encoder layers of the base model are found automatically (see `.discovery`). Each gets a forward
     hook that refines its output, so `output_hidden_states=True`, the final norm, task heads and gradient
     checkpointing all see the refined features. All adapter tensors live in one `ReinLayer` inside the model.
 

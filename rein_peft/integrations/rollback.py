@@ -3,8 +3,8 @@
 Adding an adapter changes the user's model in many places before anything can fail: Rein's hooks and `ReinLayer`,
 `modules_to_save` wrappers in place of the task head, `requires_grad` of every base parameter, transformers'
 `peft_config` and `_hf_peft_config_loaded`, an entry in `hf_device_map`. A load then fails only when the weights are
-read (a backbone of another width, a config that disagrees with its file). `unchanged_on_failure` records the state
-of every module before such a call and puts it back if the call raises.
+read (a backbone of another width, a config that disagrees with its file). The tuner's `unchanged_on_failure` records
+the state of every module before such a call and puts it back if the call raises.
 
 PEFT has no hook through which a method of its own could undo a failed load (`peft.utils.register_peft_method`
 registers a config, a tuner and a prefix, and only for members of PEFT's closed `PeftType` enum), and the injection
@@ -20,8 +20,8 @@ import functools
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,36 +31,13 @@ from peft.utils import CONFIG_NAME
 from torch import nn
 from transformers.integrations.peft import PeftAdapterMixin
 
-from .config import ReinPeftType
+from ..tuners.rein.config import ReinPeftType
+from ..tuners.rein.utils import unchanged_on_failure
 
 # marks an entry point already wrapped, so that registering twice changes nothing
 WRAPPED_MARK = "restores_model_on_failure"
 # the keyword arguments of the entry points that say where on the Hub an adapter's files are
 HUB_DOWNLOAD_PARAMETERS = frozenset(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename"}
-
-
-def _module_state(module: nn.Module) -> dict[str, Any]:
-    # the attribute dict, and one level below it the dicts that hold submodules, parameters, buffers and hooks
-    # (`_modules`, `_parameters`, `_forward_hooks`, ...), which are changed in place
-    return {name: dict(value) if isinstance(value, dict) else value for name, value in vars(module).items()}
-
-
-@contextmanager
-def unchanged_on_failure(*modules: nn.Module) -> Iterator[None]:
-    """If the body raises, put every module below `modules` back as it was: its submodules, parameters, buffers,
-    hooks and other attributes, and each parameter's `requires_grad`. Tensor values are not copied: nothing that
-    adds or loads an adapter writes into the base model's tensors."""
-    states = {id(module): (module, _module_state(module)) for root in modules for module in root.modules()}
-    requires_grad = [(param, param.requires_grad) for root in modules for param in root.parameters()]
-    try:
-        yield
-    except BaseException:
-        for module, state in states.values():
-            vars(module).clear()
-            vars(module).update(state)
-        for param, flag in requires_grad:
-            param.requires_grad_(flag)
-        raise
 
 
 def is_rein_config(config: Any) -> bool:

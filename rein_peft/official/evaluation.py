@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .deprecation import deprecated_aliases
 from .segmentation import segmentation_ignore_index
 
 # `evaluate`'s mean IoU as a local module (the Hub's "mean_iou" needs a download): rein_peft/mean_iou.py
@@ -246,7 +245,3 @@ def evaluate_segmentation(
         "num_images": len(dataset),
         "predictions": kept,
     }
-
-
-# `semantic_logits(model, pixel_values)` was renamed: `rein_peft.official` had another function of that name
-__getattr__ = deprecated_aliases(__name__, {"semantic_logits": whole_inference})

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .extras import require
+from ..utils.extras import require
 
 IGNORE_INDEX = 255
 CITYSCAPES_CLASSES = (

@@ -155,7 +155,7 @@ class ReinConfig(PeftConfig):
         id2label: The labels (id -> name) of the model the adapter was added to, filled in from its config when
             `modules_to_save` holds a task head. An adapter folder loaded alone (transformers' auto classes,
             `pipeline(model=folder)`, `AutoPeftModel`) builds its base model with these labels, so that the saved head
-            meets a head of its own size (see `rein_peft.auto_loading`).
+            meets a head of its own size (see `rein_peft.integrations.auto_loading`).
     """
 
     token_length: int = field(default=100, metadata={"help": "Learnable tokens per layer (M)."})

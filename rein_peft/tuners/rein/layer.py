@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import ReinConfig
-from .quantization import is_quantized
+from .utils import is_quantized
 
 # in a mixed-adapter batch, the name that runs a sample through the base model alone (PEFT's convention)
 BASE_ADAPTER_NAME = "__base__"
