@@ -8,7 +8,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from rein_peft.evaluation import intersection_and_union, iou_from_areas
+from rein_peft.official.evaluation import intersection_and_union, iou_from_areas
 
 
 class MeanIoU(evaluate.Metric):
