@@ -16,17 +16,13 @@ from conftest import assert_same_numbers
 from peft import PeftModel
 from test_convert_head import (
     CLASSES,
-    DEC_FFN,
-    DEC_LAYERS,
-    ENC_FFN,
-    ENC_LAYERS,
     HEADS,
     IMAGE,
     PATCH,
-    TOKENS,
     C,
     official_dinov2_features,
     synthetic_checkpoint,
+    tiny_official_config,
 )
 
 import rein_peft
@@ -260,24 +256,6 @@ def test_what_is_no_dinov2_is_refused_by_name():
     without_gamma = {key: value for key, value in official.items() if key != "blocks.0.ls1.gamma"}
     with pytest.raises(OfficialCheckpointError, match=r"encoder\.layer\.0\.layer_scale1\.lambda1 is unset"):
         convert_dinov2_checkpoint(without_gamma)
-
-
-def tiny_official_config(backbone: str) -> tf.Mask2FormerConfig:
-    """The official segmenter scaled down to test_convert_head's synthetic Rein-and-head checkpoint."""
-    return rein_peft.official_segmenter_config(
-        backbone,
-        num_labels=CLASSES,
-        num_queries=TOKENS,
-        hidden_dim=C,
-        feature_size=C,
-        mask_feature_size=C,
-        encoder_layers=ENC_LAYERS,
-        decoder_layers=DEC_LAYERS + 1,
-        dim_feedforward=DEC_FFN,
-        encoder_feedforward_dim=ENC_FFN,
-        num_attention_heads=HEADS,
-        train_num_points=64,
-    )
 
 
 def test_official_dinov2_file_and_released_checkpoint_make_the_official_segmenter(tmp_path):

@@ -249,21 +249,28 @@ def test_every_official_tensor_lands_where_the_table_says(tmp_path, linked):
     )
 
 
-def test_a_checkpoint_maps_onto_the_segmenter_built_from_one_width_and_the_official_layer_count():
-    """`official_segmenter_config(hidden_dim=C, num_decoder_layers=DEC_LAYERS)`, counted as mmdet counts, builds the
-    head the checkpoint has: every tensor lands on the same key, with the same value, as on the plain
-    `Mask2FormerConfig(decoder_layers=DEC_LAYERS + 1)`."""
-    sizes = {"encoder_layers": ENC_LAYERS, "dim_feedforward": DEC_FFN, "encoder_feedforward_dim": ENC_FFN}
-    config = official_segmenter_config(
-        tiny_mask2former().config.backbone_config,
+def tiny_official_config(backbone: tf.PretrainedConfig | str) -> tf.Mask2FormerConfig:
+    """The official segmenter scaled down to this file's synthetic Rein-and-head checkpoint: one width `C`, the
+    official count of decoder layers `DEC_LAYERS`."""
+    return official_segmenter_config(
+        backbone,
         CLASSES,
         hidden_dim=C,
         num_decoder_layers=DEC_LAYERS,
-        **sizes,
+        encoder_layers=ENC_LAYERS,
+        dim_feedforward=DEC_FFN,
+        encoder_feedforward_dim=ENC_FFN,
         num_attention_heads=HEADS,
         num_queries=TOKENS,
         train_num_points=64,
     )
+
+
+def test_a_checkpoint_maps_onto_the_segmenter_built_from_one_width_and_the_official_layer_count():
+    """`official_segmenter_config(hidden_dim=C, num_decoder_layers=DEC_LAYERS)`, counted as mmdet counts, builds the
+    head the checkpoint has: every tensor lands on the same key, with the same value, as on the plain
+    `Mask2FormerConfig(decoder_layers=DEC_LAYERS + 1)`."""
+    config = tiny_official_config(tiny_mask2former().config.backbone_config)
     assert config.decoder_layers == DEC_LAYERS + 1
     torch.manual_seed(0)
     mapping = map_official_checkpoint(synthetic_checkpoint(), tf.Mask2FormerForUniversalSegmentation(config))
