@@ -44,8 +44,8 @@ def soma_lora_layers(
     config = configs[adapter_name]
     if not isinstance(config, LoraConfig):
         raise ValueError(
-            f"Adapter {adapter_name!r} is {config.peft_type}, not LoRA: SoMA initialises LoRA factors. Build the "
-            "adapter with `rein_peft.soma_config(model)`."
+            f"Adapter {adapter_name!r} is a {type(config).__name__}, not a LoraConfig: SoMA initialises LoRA factors. "
+            "Build the adapter with `rein_peft.soma_config(model)`."
         )
     if config.use_dora:
         raise ValueError(
