@@ -100,7 +100,7 @@ def soma_config(
         modules_to_save: Modules that train and are saved whole besides the adapter (a classifier, a decoder head).
 
     Returns:
-        A `LoraConfig` (peft_type LORA): any PEFT version that knows LoRA loads adapters made with it.
+        A `LoraConfig` (peft_type LORA): adapters made with it load with PEFT alone, without rein_peft.
 
     Raises:
         ValueError: For a model without encoder blocks, a rank or alpha that is not positive, or layer choices that
