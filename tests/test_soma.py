@@ -275,6 +275,8 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         initialize_soma(too_wide)
     after = too_wide.state_dict()
     assert all(torch.equal(after[key], value) for key, value in before.items())  # checked before anything changed
+    with pytest.raises(ValueError, match=r"already has PEFT adapter layers \('base_model.model.dinov2.encoder.layer"):
+        soma_config(too_wide)
     with pytest.raises(ValueError, match=r"no adapter 'other' \(it has \['default'\]\)"):
         initialize_soma(too_wide, "other")
 
