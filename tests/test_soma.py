@@ -283,6 +283,9 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     dora = get_peft_model(tiny_dinov2(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="uses DoRA"):
         initialize_soma(dora)
+    convolution = get_peft_model(tiny_dinov2(), LoraConfig(r=2, target_modules=["projection"]))  # patch embedding
+    with pytest.raises(ValueError, match=r"'.*patch_embeddings.projection' wraps a Conv2d .* defined for nn.Linear"):
+        initialize_soma(convolution)
     rein = get_peft_model(tiny_dinov2(), ReinConfig(token_length=4))
     with pytest.raises(ValueError, match="is a ReinConfig, not a LoraConfig"):
         initialize_soma(rein)
