@@ -214,6 +214,37 @@ def test_trained_adapter_loads_into_the_unmodified_model_with_plain_peft(tmp_pat
 
 
 @pytest.mark.numerics
+def test_an_adapter_saved_as_trained_resumes_in_a_model_initialised_again(tmp_path):
+    """`save_pretrained` keeps the rank-r adapter for the residual weights (to resume, as `Trainer` does with
+    `load_adapter`); in a model built and initialised again it computes the trained outputs, and `save_soma_adapter`
+    from there gives a file for the unmodified model (the initial product B0 A0 is the same)."""
+    torch.manual_seed(0)
+    tiny_dinov2(num_layers=3).save_pretrained(tmp_path / "base")
+
+    def initialised() -> PeftModel:
+        base = tf.Dinov2ForImageClassification.from_pretrained(tmp_path / "base")
+        return soma_model(base, r=4, modules_to_save=["classifier"])
+
+    model = initialised()
+    optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
+    train_steps(model, pixels(4, seed=1), torch.tensor([0, 1, 2, 0]), optimizer, steps=3)
+    model.eval().save_pretrained(tmp_path / "trained")
+    images = pixels(2, seed=5)
+    with torch.no_grad():
+        expected = model(pixel_values=images).logits
+
+    resumed = initialised()
+    resumed.load_adapter(tmp_path / "trained", adapter_name="default", is_trainable=True)
+    with torch.no_grad():
+        assert_same_numbers(resumed.eval()(pixel_values=images).logits, expected)
+    save_soma_adapter(resumed, tmp_path / "soma")
+    original = tf.Dinov2ForImageClassification.from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(original, tmp_path / "soma").eval()
+    with torch.no_grad():
+        assert_same_numbers(loaded(pixel_values=images).logits, expected)
+
+
+@pytest.mark.numerics
 def test_soma_segmenter_builds_trains_saves_and_loads(tiny_checkpoint, tmp_path):
     """The official segmenter with method="soma", scaled down (6 blocks: 2 frozen): at initialisation it computes what
     the unadapted segmenter computes; it trains the adapter, the biases and the head; the saved adapter loads into a
