@@ -1,6 +1,7 @@
 """The layout's import direction (docs/architecture.md), read from the source of every module of the package:
 
-- each adapter (`rein_peft.tuners.<method>`) imports nothing of rein_peft outside its own package;
+- each adapter (`rein_peft.tuners.<method>`) imports nothing of rein_peft outside its own package but what the
+  tuners share (`rein_peft.tuners.tuners_utils`, which imports nothing of rein_peft);
 - the integrations (`rein_peft.integrations`) build on the adapters and the shared helpers, never on the official
   system;
 - the shared helpers (`rein_peft.utils`) import no other part;
@@ -17,6 +18,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rein_peft"
 TOP = "rein_peft"
+# what every tuner may import besides itself
+TUNERS_SHARED = "tuners:tuners_utils"
 # part -> the parts it may import besides itself
 ALLOWED = {
     "tuners": set(),
@@ -61,7 +64,8 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
 def test_the_layout_has_its_three_parts_and_the_helpers():
-    assert {part(module_name(path)) for path in MODULES} >= {"tuners:rein", "integrations", "official", "utils", "top"}
+    parts = {part(module_name(path)) for path in MODULES}
+    assert parts >= {"tuners:rein", "tuners:soma", TUNERS_SHARED, "integrations", "official", "utils", "top"}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
@@ -72,6 +76,8 @@ def test_imports_go_only_in_the_allowed_direction(path):
     for module, names in imported_modules(path):
         target = part(module)
         if target is None or target == importer:
+            continue
+        if target == TUNERS_SHARED and importer.startswith("tuners:") and importer != TUNERS_SHARED:
             continue
         if target == "top":
             assert module == TOP and names == ["__version__"], f"{module_name(path)} imports the facade: {module}"

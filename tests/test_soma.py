@@ -5,7 +5,6 @@ model."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
 from pathlib import Path
@@ -326,14 +325,3 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     initialize_soma(plain)
     with pytest.raises(ValueError, match="already initialised by SoMA.*a second SVD would read the residual"):
         initialize_soma(plain)
-
-
-def test_the_soma_package_imports_nothing_else_of_rein_peft():
-    for path in SOMA_PACKAGE.glob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                assert node.level <= 1, f"{path.name} imports from outside tuners/soma: {ast.unparse(node)}"
-                assert not (node.module or "").startswith("rein_peft"), f"{path.name}: {ast.unparse(node)}"
-            elif isinstance(node, ast.Import):
-                assert not any(alias.name.startswith("rein_peft") for alias in node.names), path.name

@@ -48,10 +48,16 @@ import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from ..tuners_utils import (
+    LAYER_LIST_TYPES,
+    common_prefix_length,
+    find_layer_list,
+    find_patch_embedding,
+    is_block_list,
+)
 from .config import ReinConfig
 from .layer import QUERY_CONTENT, QUERY_POSITION, ReinLayer, ReinLinkedQueries
 
-PATCH_EMBEDDING_NAMES = ("patch_embedding", "patch_embeddings")
 PREFIX_TOKEN_NAMES = (
     "cls_token",
     "class_embedding",
@@ -62,7 +68,6 @@ PREFIX_TOKEN_NAMES = (
 )
 TOKEN_SUFFIXES = ("_token", "_tokens")
 NOT_PREFIX_TOKEN_NAMES = ("mask_token",)
-LAYER_LIST_TYPES = (nn.ModuleList, nn.Sequential)
 SUB_CONFIG_NAMES = ("vision_config", "backbone_config")
 CONTAINER_TYPES = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 QUERY_TABLE_ROLES = {"queries_features": QUERY_CONTENT, "queries_embedder": QUERY_POSITION, "query": QUERY_CONTENT}
@@ -135,44 +140,8 @@ def _parent_name(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def find_patch_embedding(model: nn.Module) -> str | None:
-    """Name of the model's (first) patch embedding, or None."""
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] in PATCH_EMBEDDING_NAMES:
-            return name
-        if isinstance(module, nn.Conv2d) and module.kernel_size == module.stride and module.kernel_size[0] > 1:
-            return name
-    return None
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    length = 0
-    for part_a, part_b in zip(a.split("."), b.split("."), strict=False):
-        if part_a != part_b:
-            break
-        length += 1
-    return length
-
-
-def _is_block_list(module: nn.Module) -> bool:
-    """A non-empty `nn.ModuleList` / `nn.Sequential` of same-class blocks that have submodules."""
-    blocks = list(module) if isinstance(module, LAYER_LIST_TYPES) else []
-    return bool(blocks) and len({type(block) for block in blocks}) == 1 and bool(list(blocks[0].children()))
-
-
-def find_layer_list(model: nn.Module, anchor_name: str) -> str | None:
-    """Name of the list of same-class blocks closest to `anchor_name` (ties: the larger one)."""
-    candidates = []
-    for name, module in model.named_modules():
-        if not _is_block_list(module):
-            continue
-        num_params = sum(p.numel() for p in module.parameters())
-        candidates.append((_common_prefix_length(name, anchor_name), num_params, name))
-    return max(candidates)[2] if candidates else None
-
-
 def _common_ancestor(a: str, b: str) -> str:
-    return ".".join(a.split(".")[: _common_prefix_length(a, b)])
+    return ".".join(a.split(".")[: common_prefix_length(a, b)])
 
 
 def count_prefix_tokens(model: nn.Module, patch_embedding_name: str, layer_name: str, hidden_size: int) -> int:
@@ -363,7 +332,7 @@ def _refuse_feature_maps(model: nn.Module, layer_names: list[str], layout: str |
 
 def _direct_block_list(module: nn.Module) -> str | None:
     """Name of the first child of `module` that is a list of same-class blocks (a stage's blocks), or None."""
-    return next((name for name, child in module.named_children() if _is_block_list(child)), None)
+    return next((name for name, child in module.named_children() if is_block_list(child)), None)
 
 
 def find_stage_list(model: nn.Module, layer_list: str) -> str | None:
@@ -373,7 +342,7 @@ def find_stage_list(model: nn.Module, layer_list: str) -> str | None:
     found = None
     for name in [layer_list, *_ancestors(layer_list)]:
         module = model.get_submodule(name)
-        if _is_block_list(module) and all(_direct_block_list(stage) is not None for stage in module):
+        if is_block_list(module) and all(_direct_block_list(stage) is not None for stage in module):
             found = name
     return found
 

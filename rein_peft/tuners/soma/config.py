@@ -16,12 +16,12 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..tuners_utils import find_layer_list, find_patch_embedding
+
 SOMA_RANK = 16  # `rank = 16` in SoMA's config
 SOMA_ALPHA = 16  # lora_alpha = rank: scaling 1
 FROZEN_FRACTION_DENOMINATOR = 3  # the first third of the blocks gets no adapter (`start_lora_idx = 8` of 24)
 SOMA_BIAS = "lora_only"  # the biases of the adapted linears train, no other bias
-PATCH_EMBEDDING_NAMES = ("patch_embedding", "patch_embeddings")
-BLOCK_LIST_TYPES = (nn.ModuleList, nn.Sequential)
 
 
 @dataclass(frozen=True)
@@ -33,30 +33,15 @@ class SomaTargets:
     linear_names: list[str]  # relative to a block, e.g. ["attention.q_proj", ..., "mlp.fc2"]
 
 
-def _is_patch_embedding(name: str, module: nn.Module) -> bool:
-    if name.rpartition(".")[2] in PATCH_EMBEDDING_NAMES:
-        return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == module.stride and module.kernel_size[0] > 1
-
-
-def _block_linears(blocks: nn.Module) -> list[str]:
-    """The `nn.Linear` modules of the first block of a non-empty list of same-class blocks (names relative to the
-    block), or [] for any other module."""
-    children = list(blocks) if isinstance(blocks, BLOCK_LIST_TYPES) else []
-    if not children or len({type(block) for block in children}) != 1:
-        return []
-    return [name for name, module in children[0].named_modules() if isinstance(module, nn.Linear)]
-
-
 def find_soma_targets(model: nn.Module) -> SomaTargets:
-    """The encoder blocks of a vision transformer and the linears in each: the first list of same-class blocks that
-    hold `nn.Linear` modules, in the model's module order, after its patch embedding (a module named
-    `patch_embedding(s)` or a patchifying `Conv2d`) if it has one. transformers registers a vision tower's embeddings
-    before its encoder and a segmenter's backbone before its decoder, so this is the ViT's encoder (DINOv2's
-    `encoder.layer`, ViT's `layers`, CLIP's `vision_model.encoder.layers`, not its text tower).
+    """The encoder blocks of a vision transformer and the linears in each: the list of same-class blocks closest to
+    the patch embedding (a module named `patch_embedding(s)` or a patchifying `Conv2d`), as Rein finds its layers
+    (`rein_peft.tuners.tuners_utils`): DINOv2's `encoder.layer`, ViT's `layers`, CLIP's `vision_model.encoder.layers`
+    (not its text tower), a segmenter's backbone (not its decoder).
 
     Raises:
-        ValueError: The model has no such list (not a ViT-family model), or already holds PEFT adapter layers.
+        ValueError: The model has no such list with linear layers (not a ViT-family model), or already holds PEFT
+            adapter layers.
     """
     adapted = next((name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)), None)
     if adapted is not None:
@@ -65,12 +50,11 @@ def find_soma_targets(model: nn.Module) -> SomaTargets:
             "the unadapted model, and SoMA's initialisation decomposes the original weights. Call it on the model "
             "before get_peft_model."
         )
-    modules = list(model.named_modules())
-    start = next((index for index, (name, module) in enumerate(modules) if _is_patch_embedding(name, module)), 0)
-    for name, module in modules[start:]:
-        linears = _block_linears(module)
-        if linears:
-            return SomaTargets(block_list=name, num_layers=len(module), linear_names=linears)
+    block_list = find_layer_list(model, find_patch_embedding(model) or "")
+    blocks = model.get_submodule(block_list) if block_list is not None else []
+    linears = [name for name, module in blocks[0].named_modules() if isinstance(module, nn.Linear)] if blocks else []
+    if linears:
+        return SomaTargets(block_list=block_list, num_layers=len(blocks), linear_names=linears)
     raise ValueError(
         f"SoMA found no list of encoder blocks with linear layers in {type(model).__name__}: it adapts the attention "
         "and MLP linears of a vision transformer's blocks (an nn.ModuleList of same-class blocks after the patch "
@@ -91,8 +75,8 @@ def soma_config(
     `peft.get_peft_model`, then call `initialize_soma` on the result (before any training), as PEFT's PiSSA
     initialises from the principal components; save the trained adapter with `save_soma_adapter`.
 
-    What the config needs is read off `model` (`find_soma_targets`): the list of encoder blocks (the first list of
-    same-class blocks with linear layers after the patch embedding: DINOv2's `encoder.layer`, ViT's `layers`), its
+    What the config needs is read off `model` (`find_soma_targets`): the list of encoder blocks (the list of
+    same-class blocks closest to the patch embedding: DINOv2's `encoder.layer`, ViT's `layers`), its
     length, and the linears of a block (for transformers' DINOv2 and ViT: `attention.q_proj`, `k_proj`, `v_proj`,
     `o_proj`, `mlp.fc1`, `mlp.fc2`). `target_modules` lists those names, `layers_pattern` is the block list's full
     name (escaped as a regex, so that a model's other lists, a text tower or a decoder, are never adapted) and
