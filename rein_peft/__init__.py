@@ -14,7 +14,14 @@ from .integrations.hub import register_model_card, set_model_card_info
 from .integrations.quantization import is_backbone_linear
 from .integrations.rollback import register_rollback
 from .integrations.sharding import gather_adapter_state_dict
-from .integrations.training import create_rein_optimizer, rein_parameter_groups
+from .integrations.training import (
+    PolyLRCosineWeightDecay,
+    backbone_lr_groups,
+    backbone_of,
+    create_rein_optimizer,
+    create_soma_optimizer,
+    rein_parameter_groups,
+)
 from .official import (
     Dinov2PyramidBackbone,
     Dinov2PyramidConfig,
@@ -71,6 +78,7 @@ __all__ = [
     "Dinov2PyramidBackbone",
     "Dinov2PyramidConfig",
     "OfficialCheckpointError",
+    "PolyLRCosineWeightDecay",
     "ReinConfig",
     "ReinLayer",
     "ReinMergeError",
@@ -79,11 +87,14 @@ __all__ = [
     "ReinStateDictError",
     "ReinUnsupportedModelError",
     "MissingExtraError",
+    "backbone_lr_groups",
+    "backbone_of",
     "build_official_segmenter",
     "check_label_maps",
     "convert_dinov2_checkpoint",
     "convert_official_checkpoint",
     "create_rein_optimizer",
+    "create_soma_optimizer",
     "evaluate_segmentation",
     "gather_adapter_state_dict",
     "get_queries",
