@@ -20,6 +20,7 @@ from test_convert_head import (
     DINO,
     IMAGE,
     C,
+    official_backbone_table,
     official_head_table,
     synthetic_checkpoint,
     tiny_mask2former,
@@ -27,6 +28,8 @@ from test_convert_head import (
 
 import rein_peft
 from rein_peft import OfficialCheckpointError, convert_soma_checkpoint, map_soma_checkpoint
+from rein_peft.official.segmenter import apply_method
+from rein_peft.tuners.soma import SOMA_RANK
 
 RANK, START = 4, BACKBONE_LAYERS // 3  # SoMA leaves the first third of the blocks without adapter
 MLP = 4 * C
@@ -55,23 +58,23 @@ def soma_backbone_table() -> list[tuple[str, tuple, str]]:
     return rows
 
 
-def soma_factor_table() -> list[tuple[str, tuple, str]]:
+def soma_factor_table(rank: int = RANK) -> list[tuple[str, tuple, str]]:
     """(SoMA key, shape, model linear) of every LoRA factor."""
     rows = []
     for i in range(START, BACKBONE_LAYERS):
         for soma, (hf, out, inp) in LINEARS.items():
             linear = f"{DINO}.encoder.layer.{i}.{hf}"
-            rows += [(f"backbone.model.blocks.{i}.{soma}.lora_A.weight", (RANK, inp), linear)]
-            rows += [(f"backbone.model.blocks.{i}.{soma}.lora_B.weight", (out, RANK), linear)]
+            rows += [(f"backbone.model.blocks.{i}.{soma}.lora_A.weight", (rank, inp), linear)]
+            rows += [(f"backbone.model.blocks.{i}.{soma}.lora_B.weight", (out, rank), linear)]
     return rows
 
 
-def soma_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def soma_state_dict(seed: int = 0, rank: int = RANK) -> dict[str, torch.Tensor]:
     """Seeded SoMA tensors: the head as test_convert_head makes it, factors std 1/sqrt(fan-in), biases O(0.3)."""
     head = {key: value for key, value in synthetic_checkpoint(linked=False, backbone=False, seed=seed).items()}
     state_dict = {key: value for key, value in head.items() if key.startswith("decode_head.")}
     generator = torch.Generator().manual_seed(seed + 1)
-    for name, shape, _ in soma_backbone_table() + soma_factor_table():
+    for name, shape, _ in soma_backbone_table() + soma_factor_table(rank):
         values = torch.randn(shape, generator=generator)
         state_dict[name] = values / math.sqrt(shape[1]) if len(shape) == 2 else 0.3 * values
     return state_dict
@@ -83,9 +86,12 @@ def mmengine_file(state_dict: dict[str, torch.Tensor]) -> dict:
     return {"meta": {"mmseg_version": "1.2.2", "iter": 40000}, "state_dict": state_dict, "ema_state_dict": ema}
 
 
-def reference_model(state_dict: dict[str, torch.Tensor], residual: bool) -> torch.nn.Module:
-    """A plain copy of the segmenter with the checkpoint's tensors and the effective weights written in."""
-    model = tiny_mask2former()
+def reference_model(
+    state_dict: dict[str, torch.Tensor], residual: bool, base: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """A plain copy of the segmenter (`base`, default the tiny one) with the checkpoint's tensors and the effective
+    weights written in."""
+    model = tiny_mask2former() if base is None else base
     tensors = dict(model.state_dict())
     for name, _, target in official_head_table(linked=False):
         parts = state_dict[name].tensor_split(len(target) if isinstance(target, tuple) else 1)
@@ -123,7 +129,9 @@ def test_every_soma_tensor_is_mapped_or_named_unused(tmp_path):
         placed |= dict(zip(targets, state_dict[name].tensor_split(len(targets)), strict=True))
     assert set(mapping.model_tensors) == set(placed)
     assert all(torch.equal(mapping.model_tensors[key], value) for key, value in placed.items())
-    assert len(mapping.adapter_tensors) + len(placed) - 2 * (3 - 1) * 2 + len(mapping.unused) == len(state_dict)
+    tables = official_head_table(linked=False) + soma_backbone_table()
+    accounted = {name for name, _, _ in tables} | set(factors.values()) | set(mapping.unused)
+    assert accounted == set(state_dict)
 
 
 @pytest.mark.numerics
@@ -197,3 +205,51 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_tensor_and_the_model
 def test_it_is_exported():
     assert rein_peft.convert_soma_checkpoint is convert_soma_checkpoint
     assert rein_peft.official.map_soma_checkpoint is map_soma_checkpoint
+
+
+def merged_backbone(seed: int) -> dict[str, torch.Tensor]:
+    """The DINOv2 weights as `tools/merge_soma_weights.py` adds them: SoMA's converted DINOv2 (q, k, v split) under
+    `backbone.model.`; seeded values, the biases left to the SoMA file."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape, _ in official_backbone_table():
+        if name.endswith("bias"):
+            continue
+        name = name.replace("backbone.", "backbone.model.", 1)
+        values = torch.randn(shape, generator=generator)
+        values = values / math.sqrt(math.prod(shape[1:])) if len(shape) >= 2 else 1 + 0.1 * values
+        for part, split in zip("qkv", values.tensor_split(3), strict=True) if ".qkv." in name else [(None, values)]:
+            tensors[name.replace(".qkv.", f".{part}.") if part else name] = split
+    return tensors
+
+
+@pytest.mark.numerics
+def test_a_merged_file_brings_its_dinov2_weights():
+    state_dict = soma_state_dict(seed=7) | merged_backbone(seed=8)
+    mapping = map_soma_checkpoint(state_dict, tiny_mask2former())
+    assert f"{DINO}.encoder.layer.0.attention.k_proj.weight" in mapping.model_tensors
+    model = convert_soma_checkpoint(state_dict, tiny_mask2former()).eval()
+    reference = tiny_mask2former()
+    reference.load_state_dict({**reference.state_dict(), **mapping.model_tensors})
+    expected_model = reference_model(state_dict, residual=False, base=reference)
+    images = pixels(1, seed=9, side=IMAGE)
+    with torch.no_grad():
+        outputs, expected = model(pixel_values=images), expected_model(pixel_values=images)
+    assert_same_numbers(outputs.masks_queries_logits, expected.masks_queries_logits)
+
+
+@pytest.mark.numerics
+def test_residual_conversion_starts_from_the_soma_segmenters_residual():
+    # SoMA's rank, as method="soma" builds it (what build_official_segmenter(..., method="soma") returns)
+    converted = convert_soma_checkpoint(soma_state_dict(rank=SOMA_RANK), tiny_mask2former(), residual=True)
+    built = apply_method(tiny_mask2former(), "soma")
+    converted_weights = {n: p for n, p in converted.named_parameters() if n.endswith("base_layer.weight")}
+    built_weights = {n: p for n, p in built.named_parameters() if n.endswith("base_layer.weight")}
+    assert set(converted_weights) == set(built_weights) and len(built_weights) == 6 * (BACKBONE_LAYERS - START)
+    for name, weight in built_weights.items():
+        assert_same_numbers(converted_weights[name], weight)
+
+
+def test_a_model_with_an_adapter_already_is_refused():
+    with pytest.raises(OfficialCheckpointError, match="before any adapter"):
+        convert_soma_checkpoint(soma_state_dict(), apply_method(tiny_mask2former(), "soma"))

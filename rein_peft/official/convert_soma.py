@@ -128,6 +128,12 @@ def map_soma_checkpoint(
             or of different ranks, a head or backbone that does not fit the model (naming the config field to set),
             or head tensors of the model that the checkpoint leaves unset.
     """
+    if hasattr(base_model, "peft_config"):
+        raise OfficialCheckpointError(
+            f"{type(base_model).__name__} has adapters already ({sorted(base_model.peft_config)}); pass the segmenter "
+            "before any adapter (e.g. build_official_segmenter(backbone, num_labels, method='full')): the conversion "
+            "adds SoMA's adapter itself, and residual=True gives the weights method='soma' starts from."
+        )
     state_dict = read_checkpoint(checkpoint)
     model_state = base_model.state_dict()
     prefix = _dinov2_prefix(model_state)
