@@ -65,6 +65,8 @@ def test_classifier_backbone_is_its_vit_and_the_head_keeps_the_full_rate():
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], bias="lora_only", modules_to_save=["classifier"])
     model = get_peft_model(tiny_dinov2(), config)
     assert rein_peft.backbone_of(model) is model.get_base_model().dinov2
+    headless = tiny_dinov2(classifier=False)
+    assert rein_peft.backbone_of(headless) is headless
     groups = groups_by_name(
         model, create_soma_optimizer(model, lr=2e-3, weight_decay=0.1, backbone_lr_multiplier=0.25)
     )

@@ -59,16 +59,16 @@ def rein_parameter_groups(
 def backbone_of(model: nn.Module) -> nn.Module:
     """The pretrained backbone of a transformers model (or of the `PeftModel` around one): its `BackboneMixin`
     submodule (the encoder of a segmenter or detector, e.g. Mask2Former's DINOv2), else its base model
-    (`base_model_prefix`: the ViT under a classification head).
+    (`base_model_prefix`: the ViT under a classification head, or the model itself without a head).
 
     Raises:
-        ValueError: For a model that is neither; pass the backbone module yourself.
+        ValueError: For a model that is not a transformers model; pass the backbone module yourself.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = next((module for module in base.modules() if isinstance(module, BackboneMixin)), None)
     if backbone is not None:
         return backbone
-    if isinstance(base, PreTrainedModel) and base.base_model is not base:
+    if isinstance(base, PreTrainedModel):  # the model itself when it has no head
         return base.base_model
     raise ValueError(
         f"Cannot tell the backbone of a {type(base).__name__}: it has no transformers backbone (BackboneMixin) and no "
