@@ -71,8 +71,8 @@ def backbone_of(model: nn.Module) -> nn.Module:
     if isinstance(base, PreTrainedModel):  # the model itself when it has no head
         return base.base_model
     raise ValueError(
-        f"Cannot tell the backbone of a {type(base).__name__}: it has no transformers backbone (BackboneMixin) and no "
-        "base model under a task head. Pass backbone=<the pretrained module> (or backbone_lr_multiplier=1.0)."
+        f"Cannot tell the backbone of a {type(base).__name__}: it is not a transformers model (no BackboneMixin, no "
+        "base_model_prefix). Pass backbone=<the pretrained module> (or backbone_lr_multiplier=1.0)."
     )
 
 
