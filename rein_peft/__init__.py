@@ -15,7 +15,14 @@ from .integrations.hub import register_model_card, set_model_card_info
 from .integrations.quantization import is_backbone_linear
 from .integrations.rollback import register_rollback
 from .integrations.sharding import gather_adapter_state_dict
-from .integrations.training import create_rein_optimizer, rein_parameter_groups
+from .integrations.training import (
+    PolyLRCosineWeightDecay,
+    backbone_lr_groups,
+    backbone_of,
+    create_rein_optimizer,
+    create_soma_optimizer,
+    rein_parameter_groups,
+)
 from .official import (
     Dinov2PyramidBackbone,
     Dinov2PyramidConfig,
@@ -24,10 +31,12 @@ from .official import (
     check_label_maps,
     convert_dinov2_checkpoint,
     convert_official_checkpoint,
+    convert_soma_checkpoint,
     evaluate_segmentation,
     keep_ratio_size,
     load_dg_dataset,
     map_official_checkpoint,
+    map_soma_checkpoint,
     mask2former_decoder_fields,
     official_segmenter_config,
     register_pyramid,
@@ -73,6 +82,7 @@ __all__ = [
     "Dinov2PyramidBackbone",
     "Dinov2PyramidConfig",
     "OfficialCheckpointError",
+    "PolyLRCosineWeightDecay",
     "ReinConfig",
     "ReinLayer",
     "ReinMergeError",
@@ -81,11 +91,15 @@ __all__ = [
     "ReinStateDictError",
     "ReinUnsupportedModelError",
     "MissingExtraError",
+    "backbone_lr_groups",
+    "backbone_of",
     "build_official_segmenter",
     "check_label_maps",
     "convert_dinov2_checkpoint",
     "convert_official_checkpoint",
+    "convert_soma_checkpoint",
     "create_rein_optimizer",
+    "create_soma_optimizer",
     "evaluate_segmentation",
     "gather_adapter_state_dict",
     "get_queries",
@@ -94,6 +108,7 @@ __all__ = [
     "keep_ratio_size",
     "load_dg_dataset",
     "map_official_checkpoint",
+    "map_soma_checkpoint",
     "mask2former_decoder_fields",
     "official_segmenter_config",
     "register",

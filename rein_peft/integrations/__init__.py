@@ -5,7 +5,8 @@
 - `auto_loading`: transformers' Auto classes, `pipeline` and PEFT's `AutoPeftModel*` build a Rein folder's base with
   the head's saved labels;
 - `hub`: the model card of a Rein adapter (`save_pretrained`, `push_to_hub`, `Trainer.save_model`);
-- `training`: the official optimizer recipe (`create_rein_optimizer`), for `Trainer` and plain loops;
+- `training`: the official optimizer recipes (`create_rein_optimizer`, SoMA's `create_soma_optimizer` and
+  `PolyLRCosineWeightDecay`), for `Trainer` and plain loops;
 - `sharding`: the adapter's full state dict from FSDP2 shards (accelerate, torchrun);
 - `quantization`: torchao's filter for the frozen backbone's linear layers;
 - `export`: `torch.export` and ONNX of a merged model.

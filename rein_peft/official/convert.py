@@ -376,6 +376,28 @@ def _head_config_problems(head: Mapping[str, torch.Tensor], config: Any) -> list
     return problems
 
 
+def place_tensor(
+    official_key: str,
+    tensor: torch.Tensor,
+    targets: list[str],
+    model_state: Mapping[str, torch.Tensor],
+    placed: dict[str, torch.Tensor],
+    problems: list[str],
+) -> None:
+    """Put `tensor` (split into `len(targets)` equal chunks along dim 0: a fused q/k/v projection) into `placed`
+    under the model's `targets`, or say in `problems` why a chunk does not fit the model."""
+    for target, chunk in zip(targets, tensor.tensor_split(len(targets)), strict=True):
+        if target not in model_state:
+            problems.append(f"'{official_key}' goes to '{target}', which the model does not have")
+        elif model_state[target].shape != chunk.shape:
+            problems.append(
+                f"'{official_key}' gives '{target}' shape {list(chunk.shape)}, the model's is "
+                f"{list(model_state[target].shape)}"
+            )
+        else:
+            placed[target] = chunk
+
+
 def map_official_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, torch.Tensor], base_model: nn.Module
 ) -> OfficialCheckpointMapping:
@@ -444,18 +466,6 @@ def map_official_checkpoint(
         )
     problems += _head_config_problems(head, base_model.config) if whole else []
 
-    def place(official_key: str, tensor: torch.Tensor, targets: list[str]) -> None:
-        for target, chunk in zip(targets, tensor.tensor_split(len(targets)), strict=True):
-            if target not in model_state:
-                problems.append(f"'{official_key}' goes to '{target}', which the model does not have")
-            elif model_state[target].shape != chunk.shape:
-                problems.append(
-                    f"'{official_key}' gives '{target}' shape {list(chunk.shape)}, the model's is "
-                    f"{list(model_state[target].shape)}"
-                )
-            else:
-                mapping.model_tensors[target] = chunk
-
     for name, tensor in head.items():
         key = OFFICIAL_HEAD_PREFIX + name
         if name.startswith(f"{OFFICIAL_QUERY_FEAT}."):
@@ -465,7 +475,7 @@ def map_official_checkpoint(
         elif (targets := _rename(name, _HEAD_RULES)) is None:
             unknown.append(key)
         else:
-            place(key, tensor, targets)
+            place_tensor(key, tensor, targets, model_state, mapping.model_tensors, problems)
     for name, tensor in backbone.items():
         key = OFFICIAL_BACKBONE_PREFIX + name
         if (targets := _rename(name, _BACKBONE_RULES)) is None:
@@ -473,7 +483,8 @@ def map_official_checkpoint(
         elif dinov2_prefix is None:
             problems.append(f"'{key}' is a DINOv2 weight, but the model has no (single) DINOv2 backbone")
         else:
-            place(key, tensor, [dinov2_prefix + target for target in targets])
+            targets = [dinov2_prefix + target for target in targets]
+            place_tensor(key, tensor, targets, model_state, mapping.model_tensors, problems)
     if unknown:
         raise OfficialCheckpointError(
             f"The checkpoint holds {len(unknown)} tensor(s) that no rule maps: {unknown[:20]}. rein_peft converts the "

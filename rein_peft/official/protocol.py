@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, PretrainedConfig, UperNetConfig
 
-from ..integrations.training import rein_parameter_groups
+from ..integrations.training import EMBEDDING_NAMES, backbone_lr_groups, rein_parameter_groups
 from .evaluation import intersection_and_union, iou_from_areas, whole_inference
 from .segmentation import check_label_maps, segmentation_ignore_index
 from .segmenter import mask2former_decoder_fields, mask_targets
@@ -27,9 +27,6 @@ DECODER_MODULES = {
 BACKBONE_MODULE = {"upernet": "backbone", "mask2former": "model.pixel_level_module.encoder"}
 # configs whose models take one binary mask per class present (`mask_labels`, `class_labels`) instead of label maps
 MASK_CLASSIFICATION_MODEL_TYPES = ("mask2former", "maskformer", "eomt", "eomt_dinov3")
-# besides Rein's tokens and every 0/1-dim tensor, the official recipe takes no weight decay on the decoder's query and
-# level embeddings (`paramwise_cfg`: query_embed, level_embed with decay_mult 0)
-NO_DECAY_NAMES = ("level_embed", "queries_embedder", "queries_features")
 
 
 def dinov2_feature_layers(num_layers: int, num_features: int = 4) -> list[int]:
@@ -177,22 +174,9 @@ def official_optimizer(
         backbone: The pretrained backbone module, for `backbone_lr_multiplier`.
         backbone_lr_multiplier: Its learning rate, relative to `lr`.
     """
-    groups = rein_parameter_groups(model, weight_decay)
-    no_decay = {id(param) for name, param in model.named_parameters() if any(key in name for key in NO_DECAY_NAMES)}
-    decayed = [param for param in groups[0]["params"] if id(param) not in no_decay]
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": groups[1]["params"] + [p for p in groups[0]["params"] if id(p) in no_decay], "weight_decay": 0.0},
-    ]
-    if backbone is not None and backbone_lr_multiplier != 1.0:
-        in_backbone = {id(param) for param in backbone.parameters()}
-        groups = [
-            {**group, "params": params, "lr": lr * (backbone_lr_multiplier if inside else 1.0)}
-            for group in groups
-            for inside in (True, False)
-            if (params := [param for param in group["params"] if (id(param) in in_backbone) == inside])
-        ]
-    return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas, eps=eps)
+    groups = rein_parameter_groups(model, weight_decay, no_decay_names=EMBEDDING_NAMES)
+    groups = backbone_lr_groups(groups, lr, backbone, backbone_lr_multiplier)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 @torch.no_grad()
