@@ -9,7 +9,8 @@ Mapillary (or any targets), as the official 512x512 config does, through `transf
 - data: `rein_peft.load_dg_dataset` reads each data set in the layout it is downloaded in (NAME is the data set's kind:
   gta, synthia, cityscapes, bdd100k, mapillary, acdc; `gta=...` and `synthia=...` together train on both).
 - model: `rein_peft.build_official_segmenter` (DINOv2 at patch 16 with the official pyramid, Mask2Former with 100
-  queries; Rein with 100 low-rank tokens linked to the queries), for each of `--methods` (rein, frozen, full, lora).
+  queries; Rein with 100 low-rank tokens linked to the queries), for each of `--methods` (rein, frozen, full, lora,
+  soma; SoMA with its own optimizer recipe, `create_soma_optimizer` and `PolyLRCosineWeightDecay`).
 - training (every value a flag, the defaults the official config's): random rescale (short side 0.5-2.0 x 512, long
   side <= 2048), random crop 512 with `cat_max_ratio` 0.75, flip, photometric distortion; batch 4, 40k iterations,
   AdamW lr 1e-4, weight decay 0.05 (none on tokens, norms, embeddings), poly schedule (power 0.9, no warm-up); full
@@ -298,28 +299,43 @@ def run_method(
     model = rein_peft.build_official_segmenter(backbone, num_labels=dg_data.NUM_CLASSES, method=method, config=config)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     full = method == "full"
-    optimizer = protocol.official_optimizer(
-        model,
-        lr=training.learning_rate,
-        weight_decay=training.weight_decay,
-        betas=(training.adam_beta1, training.adam_beta2),
-        eps=training.adam_epsilon,
-        backbone=base.get_submodule(BACKBONE_MODULE) if full else None,
-        backbone_lr_multiplier=args.backbone_lr_multiplier if full else 1.0,
-    )
+    scheduler = None  # Trainer's own: the polynomial decay of the official schedule
+    if method == "soma":  # SoMA's recipe: its AdamW groups, poly lr and the cosine-annealed weight decay
+        optimizer = rein_peft.create_soma_optimizer(
+            model,
+            lr=training.learning_rate,
+            weight_decay=training.weight_decay,
+            betas=(training.adam_beta1, training.adam_beta2),
+            eps=training.adam_epsilon,
+        )
+        power = training.lr_scheduler_kwargs.get("power", 1.0)
+        scheduler = rein_peft.PolyLRCosineWeightDecay(optimizer, total_steps=training.max_steps, power=power)
+    else:
+        optimizer = protocol.official_optimizer(
+            model,
+            lr=training.learning_rate,
+            weight_decay=training.weight_decay,
+            betas=(training.adam_beta1, training.adam_beta2),
+            eps=training.adam_epsilon,
+            backbone=base.get_submodule(BACKBONE_MODULE) if full else None,
+            backbone_lr_multiplier=args.backbone_lr_multiplier if full else 1.0,
+        )
     method_args = TrainingArguments(**{**training.to_dict(), "output_dir": os.path.join(training.output_dir, method)})
     trainer = Trainer(
         model=model,
         args=method_args,
         train_dataset=train_data,
         data_collator=protocol.segmentation_collator(base.config),
-        optimizers=(optimizer, None),
+        optimizers=(optimizer, scheduler),
         callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     seconds = time.perf_counter() - start
-    trainer.save_model(os.path.join(method_args.output_dir, "final"))
+    if method == "soma":  # a plain LoRA adapter of the unmodified backbone (docs/soma.md)
+        rein_peft.save_soma_adapter(model, os.path.join(method_args.output_dir, "final"))
+    else:
+        trainer.save_model(os.path.join(method_args.output_dir, "final"))
     row = {
         "train_seconds": seconds,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -1,6 +1,6 @@
 """examples/reproduce_domain_generalization.py: the offline default end to end (fake data sets in their real layouts,
-a tiny backbone, both methods through Trainer, sliding-window evaluation, the table, JSON and pictures), in a quicker
-mode than the default's; and the command line's errors."""
+a tiny backbone, frozen, Rein and SoMA through Trainer, sliding-window evaluation, the table, JSON and pictures), in a
+quicker mode than the default's; and the command line's errors."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import HfArgumentParser, TrainingArguments
 
 from rein_peft.official import dg_data
+from rein_peft.tuners.soma import SOMA_RANK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import reproduce_domain_generalization as reproduce  # noqa: E402
@@ -32,13 +33,13 @@ def _captions(picture: Image.Image) -> list[bool]:
 
 
 def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
-    result = reproduce.main(["--output_dir", str(tmp_path), *QUICK])
+    result = reproduce.main(["--output_dir", str(tmp_path), *QUICK, "--methods", "frozen", "rein", "soma"])
     assert result["offline"] and result["source_names"] == ["gta"]
     assert result["target_names"] == ["cityscapes", "bdd100k", "mapillary"]
     # the official test sizes divided by 8
     assert result["test_sizes"] == {"cityscapes": (64, 128), "bdd100k": (90, 160), "mapillary": (64, 128)}
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["methods"]) == ["frozen", "rein"]
+    assert list(saved["methods"]) == ["frozen", "rein", "soma"]
     for method, row in saved["methods"].items():
         assert row["train_seconds"] > 0 and row["trainable_parameters"] > 0
         for name in result["target_names"]:
@@ -56,6 +57,9 @@ def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
         )
     assert saved["methods"]["rein"]["trainable_parameters"] > saved["methods"]["frozen"]["trainable_parameters"]
     assert (tmp_path / "rein" / "final" / "adapter_model.safetensors").is_file()  # the adapter and the head
+    # SoMA trains with its own schedule and saves the plain rank-2r LoRA of the unmodified backbone (docs/soma.md)
+    soma = json.loads((tmp_path / "soma" / "final" / "adapter_config.json").read_text())
+    assert soma["peft_type"] == "LORA" and soma["r"] == 2 * SOMA_RANK and soma["bias"] == "lora_only"
     table = (tmp_path / "results.md").read_text()
     assert "| rein |" in table and "(66.4, paper; 66.7 official README)" in table and "(56.1, paper)" in table
     # fake data: the table says first that the run only exercises the pipeline
