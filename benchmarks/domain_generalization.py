@@ -59,6 +59,7 @@ from dg_miniature import report
 from dg_miniature.benchmark import run
 from dg_miniature.foundations import FOUNDATIONS
 from dg_miniature.methods import METHODS, SEGMENTERS
+from dg_miniature.settings import DEFAULT_SETTING, SETTINGS
 
 from rein_peft.utils.extras import require
 
@@ -99,6 +100,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rein_peft"))
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default=DEFAULT_SETTING,
+        help="the miniature's source task (shapes: room in-domain; it changes the defaults of "
+        + ", ".join(f"--{key} to {value}" for key, value in SETTINGS["shapes"].defaults.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs of the results already in --output made with the same settings and foundation",
+    )
+    chosen, _ = parser.parse_known_args(argv)  # the setting's defaults, then the command line again over them
+    parser.set_defaults(**SETTINGS[chosen.setting].defaults)
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
