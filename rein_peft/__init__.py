@@ -4,9 +4,10 @@
 `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know it, and registers the official segmenter's pyramid
 backbone (`Dinov2PyramidConfig`, `Dinov2PyramidBackbone`) with transformers' auto classes.
 
-The package has three parts (docs/architecture.md): the adapter (`rein_peft.tuners.rein`, a PEFT tuner that imports
-nothing else of rein_peft), its integrations with the stack (`rein_peft.integrations`) and the paper's segmentation
-system built on it (`rein_peft.official`). Every public name is exported here.
+The package has three parts (docs/architecture.md): the adapters (`rein_peft.tuners.rein`, a PEFT tuner, and
+`rein_peft.tuners.soma`, the follow-up SoMA with PEFT's own LoRA; neither imports anything else of rein_peft), their
+integrations with the stack (`rein_peft.integrations`) and the paper's segmentation system built on them
+(`rein_peft.official`). Every public name is exported here.
 """
 
 from .integrations.auto_loading import register_auto_loading
@@ -48,6 +49,7 @@ from .tuners.rein import (
     register_rein,
     unchanged_on_failure,
 )
+from .tuners.soma import initialize_soma, save_soma_adapter, soma_config
 from .utils.extras import MissingExtraError
 
 __version__ = "0.1.0"
@@ -87,6 +89,7 @@ __all__ = [
     "evaluate_segmentation",
     "gather_adapter_state_dict",
     "get_queries",
+    "initialize_soma",
     "is_backbone_linear",
     "keep_ratio_size",
     "load_dg_dataset",
@@ -96,10 +99,12 @@ __all__ = [
     "register",
     "rein_parameter_groups",
     "resize_patch_embedding",
+    "save_soma_adapter",
     "segmentation_ignore_index",
     "semantic_scores",
     "set_model_card_info",
     "slide_inference",
+    "soma_config",
     "unchanged_on_failure",
     "whole_inference",
 ]

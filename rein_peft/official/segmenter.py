@@ -37,6 +37,7 @@ from torch import nn
 from transformers import Dinov2Config, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
 from ..tuners.rein.config import ReinConfig
+from ..tuners.soma import initialize_soma, soma_config
 from ..utils.compat import peft_deprecations_silenced
 from ..utils.extras import require
 from .convert import OFFICIAL_BACKBONE_PREFIX, OFFICIAL_MODULE_NAME, convert_official_checkpoint, read_checkpoint
@@ -87,7 +88,7 @@ BACKBONE_MODULE = "model.pixel_level_module.encoder"
 LORA_TARGETS = BACKBONE_MODULE.replace(".", r"\.") + r"\.encoder\.layer\.\d+\.attention\.(q_proj|v_proj)"
 # what trains besides the backbone or its adapter: the pixel decoder, the transformer decoder and the class head
 HEAD_MODULES = ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"]
-METHODS = ("rein", "rein_full_rank", "frozen", "full", "lora")
+METHODS = ("rein", "rein_full_rank", "frozen", "full", "lora", "soma")
 
 
 def _official_layers(num_layers: int) -> list[int]:
@@ -241,8 +242,10 @@ def official_segmenter_config(
 def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.Module:
     """Make `model` train as `method` does: "rein" (the official Rein, a `PeftModel`), "rein_full_rank" (the same with
     full-rank tokens, the official `Reins`), "frozen" (the backbone frozen, the decoder trains), "full" (everything
-    trains) or "lora" (PEFT LoRA r=16 on the backbone's query and value projections, a `PeftModel`). The head
-    (`HEAD_MODULES`) trains in every method."""
+    trains), "lora" (PEFT LoRA r=16 on the backbone's query and value projections, a `PeftModel`) or "soma" (SoMA's
+    recipe, `rein_peft.soma_config`: PEFT LoRA r=16, alpha 16 on every attention and MLP linear of the backbone's
+    blocks after the first third, 8 to 23 of 24, and their biases, initialised from the minor singular components by
+    `rein_peft.initialize_soma`; a `PeftModel`). The head (`HEAD_MODULES`) trains in every method."""
     if method == "full":
         return model
     if method == "frozen":
@@ -258,6 +261,11 @@ def apply_method(model: Mask2FormerForUniversalSegmentation, method: str) -> nn.
         )
         with peft_deprecations_silenced():
             return get_peft_model(model, config)
+    if method == "soma":
+        with peft_deprecations_silenced():
+            peft_model = get_peft_model(model, soma_config(model, modules_to_save=HEAD_MODULES))
+        initialize_soma(peft_model)
+        return peft_model
     if method in ("rein", "rein_full_rank"):
         rein = {**OFFICIAL_REIN, "lora_dim": None} if method == "rein_full_rank" else OFFICIAL_REIN
         config = ReinConfig(
@@ -300,7 +308,9 @@ def build_official_segmenter(
         method: How the segmenter trains (default "rein"): "rein" (Rein with 100 low-rank tokens of rank 16 after
             every layer, its tokens linked to the decoder's queries, the head trained with it), "rein_full_rank" (the
             same with full-rank tokens), "frozen" (frozen backbone, the decoder trains), "full" (everything trains) or
-            "lora" (PEFT LoRA r=16 on query/value, and the head). Leave it unset with `checkpoint`.
+            "lora" (PEFT LoRA r=16 on query/value, and the head) or "soma" (SoMA: LoRA r=16 on every attention and
+            MLP linear of blocks 8 to 23 of 24 and their biases, initialised from the minor singular components,
+            and the head; save it with `rein_peft.save_soma_adapter`). Leave it unset with `checkpoint`.
         config: The segmenter's config; default `official_segmenter_config(backbone, num_labels)`. Pass a scaled-down
             one for tests.
         checkpoint: A released checkpoint of the official Rein code (`iter_40000_published.pth`: Rein and the
@@ -308,7 +318,7 @@ def build_official_segmenter(
             `convert_official_checkpoint`: the adapter and the head are the checkpoint's, as trained.
 
     Returns:
-        A `PeftModel` for "rein", "rein_full_rank", "lora" and a `checkpoint`, else the
+        A `PeftModel` for "rein", "rein_full_rank", "lora", "soma" and a `checkpoint`, else the
         `Mask2FormerForUniversalSegmentation`.
 
     Raises:
