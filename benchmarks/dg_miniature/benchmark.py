@@ -175,6 +175,30 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         report.print_premise(premise, gate, other_scenes)
     if room is not None and not set(ROOM_METHODS) <= set(args.methods):
         report.print_room_gate(room)
+
+    def assemble(made: dict[tuple[str, int], dict]) -> dict:
+        """The results (the JSON's) of the runs `made`, in seed then method order; the summary of each method with
+        a run."""
+        ordered = [made[(method, seed)] for seed in args.seeds for method in args.methods if (method, seed) in made]
+        methods = [method for method in args.methods if any(run["method"] == method for run in ordered)]
+        return {
+            "backbone": backbone_name,
+            "backbone_recipe": recipe_record,
+            "pretraining": pretraining,
+            "setting": args.setting,
+            "premise": premise,
+            "premise_gate": gate,
+            "premise_other_scenes": other_scenes,
+            "room_gate": room,
+            "class_names": task.class_names,
+            "source_name": source_name,
+            "target_names": list(task.targets),
+            "settings": {key: value for key, value in vars(args).items() if key not in ("output", "cache_dir")},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+            "runs": ordered,
+            "summary": summarize(ordered, methods, list(task.targets)),
+        }
+
     runs, pictures = {}, {}
     for method, seed in run_order(args.methods, args.seeds, setting.room_gate):
         if (method, seed) in kept:
@@ -199,22 +223,6 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
             room = room_gate(premise, *(first_seed_source(runs, name, first) for name in ROOM_METHODS))
             if room["met"] is not None:  # both runs made: before the comparison
                 report.print_room_gate(room)
-    ordered = [runs[(method, seed)] for seed in args.seeds for method in args.methods]
-    result = {
-        "backbone": backbone_name,
-        "backbone_recipe": recipe_record,
-        "pretraining": pretraining,
-        "setting": args.setting,
-        "premise": premise,
-        "premise_gate": gate,
-        "premise_other_scenes": other_scenes,
-        "room_gate": room,
-        "class_names": task.class_names,
-        "source_name": source_name,
-        "target_names": list(task.targets),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("output", "cache_dir")},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "runs": ordered,
-        "summary": summarize(ordered, args.methods, list(task.targets)),
-    }
-    return result, pictures
+        if args.resume:  # every run made is kept at once, with those not reached yet: an interruption loses one run
+            report.write_json(assemble({**kept, **runs}), args)
+    return assemble(runs), pictures

@@ -131,6 +131,7 @@ def summarize(runs: list[dict], methods: list[str], target_names: list[str]) -> 
     for method in methods:
         mine = [run for run in runs if run["method"] == method]
         summary[method] = {
+            "seeds": [run["seed"] for run in mine],
             "trainable_params": mine[0]["trainable_params"],
             "trainable_backbone_params": mine[0]["trainable_backbone_params"],
             "train_seconds": spread([run["train_seconds"] for run in mine]),

@@ -26,14 +26,20 @@ def result_stem(args: argparse.Namespace) -> str:
     return os.path.join(args.output, name)
 
 
-def write(result: dict, pictures: dict[str, dict[str, dict]], args: argparse.Namespace) -> str:
-    """The JSON, the chart and the prediction picture (and, for the miniature, the styles) at `result_stem(args)`;
-    returns the stem. A picture of only some of the methods (`--resume` keeps the others' numbers, not their
-    predictions) is named by them: `<stem>_predictions_<method>_<method>.png`."""
+def write_json(result: dict, args: argparse.Namespace) -> str:
+    """The JSON of every number at `result_stem(args)`; returns the stem."""
     os.makedirs(args.output, exist_ok=True)
     stem = result_stem(args)
     with open(stem + ".json", "w") as file:
         json.dump(result, file, indent=2)
+    return stem
+
+
+def write(result: dict, pictures: dict[str, dict[str, dict]], args: argparse.Namespace) -> str:
+    """The JSON, the chart and the prediction picture (and, for the miniature, the styles) at `result_stem(args)`;
+    returns the stem. A picture of only some of the methods (`--resume` keeps the others' numbers, not their
+    predictions) is named by them: `<stem>_predictions_<method>_<method>.png`."""
+    stem = write_json(result, args)
     plot(result, stem + ".png")
     pictures = {method: pictures[method] for method in result["summary"] if method in pictures}  # the table's order
     picture = stem + "_predictions"
@@ -54,12 +60,13 @@ def print_table(result: dict) -> None:
     if result["room_gate"]:
         print_room_gate(result["room_gate"])
     print(f"\nmIoU (%) trained on {result['source_name']!r}, mean ± std over seeds {result['settings']['seeds']}\n")
-    _markdown_row(["method", "trainable (backbone)", "source", *targets, "target mean", "train s"])
-    _markdown_row(["---"] * (len(targets) + 5))
+    _markdown_row(["method", "trainable (backbone)", "source", *targets, "target mean", "train s", "seeds"])
+    _markdown_row(["---"] * (len(targets) + 6))
     for method, row in summary.items():
         cells = [METHOD_NAMES[method], f"{row['trainable_params']:,} ({row['trainable_backbone_params']:,})"]
         cells += [_percent(row["source_miou"]), *(_percent(row["target_miou"][name]) for name in targets)]
-        _markdown_row([*cells, _percent(row["target_mean_miou"]), f"{row['train_seconds']['mean']:.0f}"])
+        cells += [_percent(row["target_mean_miou"]), f"{row['train_seconds']['mean']:.0f}"]
+        _markdown_row([*cells, ", ".join(map(str, row["seeds"]))])
     if any(row["feature_similarity"] for row in summary.values()):
         print("\ncosine similarity of the deepest decoder input, same scenes in source vs target style (mean)\n")
         _markdown_row(["method", *targets])
