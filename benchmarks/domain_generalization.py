@@ -78,7 +78,7 @@ from rein_peft.utils.extras import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --quick: a tiny task and run (the foundation is shrunk too: `dg_miniature.foundations.QUICK_SIZES`)
-QUICK = {"train_images": 64, "eval_images": 16, "steps": 4, "batch_size": 8, "seeds": [0], "pictures": 2}
+QUICK = {"train_images": 64, "eval_images": 8, "steps": 4, "batch_size": 8, "seeds": [0], "pictures": 2}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, value)
     if args.target and args.source is None:
         parser.error("--target needs --source: the dataset to train on")
+    if args.source is not None and args.setting != DEFAULT_SETTING:
+        parser.error("--setting picks the miniature's source task; with --source the task is your datasets: drop it")
     require("matplotlib", purpose="The domain-generalization chart")  # before minutes of training
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()

@@ -149,7 +149,7 @@ def test_retired_foundations_are_refused_and_the_help_says_so(capsys):
     assert exit_info.value.code == 0 and "the MAE ones were retired" in help_text
 
 
-def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path):
+def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path, capsys):
     """The path of `--backbone facebook/dinov2-small --source ./gtav --target cityscapes=./cityscapes`."""
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8)
     Dinov2Model(config).save_pretrained(tmp_path / "backbone")
@@ -172,6 +172,9 @@ def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path)
 
     with pytest.raises(SystemExit, match="NAME=DATASET"):
         dg.main([*flags, "--target", str(tmp_path / "cityscapes")])
+    with pytest.raises(SystemExit):  # the settings are the miniature's tasks, not a user's
+        dg.main([*flags, "--setting", "shapes"])
+    assert "--setting picks the miniature's source task" in capsys.readouterr().err
 
 
 def test_feature_similarity_is_one_for_the_same_images_and_lower_across_styles(tmp_path):

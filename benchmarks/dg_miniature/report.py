@@ -21,7 +21,7 @@ def result_stem(args: argparse.Namespace) -> str:
     """The output files' path without extension: in `args.output`, named by the foundation (none for a checkpoint
     named by --backbone), the setting (none for the default), the segmenter and --quick."""
     name = RESULT_STEM + ("" if args.backbone else "_" + args.foundation)
-    name += "" if args.setting == DEFAULT_SETTING else "_" + args.setting.replace("-", "_")
+    name += "" if args.setting == DEFAULT_SETTING else "_" + args.setting
     name += ("_official" if args.segmenter == "official" else "") + ("_quick" if args.quick else "")
     return os.path.join(args.output, name)
 
