@@ -214,6 +214,37 @@ def test_trained_adapter_loads_into_the_unmodified_model_with_plain_peft(tmp_pat
 
 
 @pytest.mark.numerics
+def test_an_adapter_saved_as_trained_resumes_in_a_model_initialised_again(tmp_path):
+    """`save_pretrained` keeps the rank-r adapter for the residual weights (to resume, as `Trainer` does with
+    `load_adapter`); in a model built and initialised again it computes the trained outputs, and `save_soma_adapter`
+    from there gives a file for the unmodified model (the initial product B0 A0 is the same)."""
+    torch.manual_seed(0)
+    tiny_dinov2(num_layers=3).save_pretrained(tmp_path / "base")
+
+    def initialised() -> PeftModel:
+        base = tf.Dinov2ForImageClassification.from_pretrained(tmp_path / "base")
+        return soma_model(base, r=4, modules_to_save=["classifier"])
+
+    model = initialised()
+    optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
+    train_steps(model, pixels(4, seed=1), torch.tensor([0, 1, 2, 0]), optimizer, steps=3)
+    model.eval().save_pretrained(tmp_path / "trained")
+    images = pixels(2, seed=5)
+    with torch.no_grad():
+        expected = model(pixel_values=images).logits
+
+    resumed = initialised()
+    resumed.load_adapter(tmp_path / "trained", adapter_name="default", is_trainable=True)
+    with torch.no_grad():
+        assert_same_numbers(resumed.eval()(pixel_values=images).logits, expected)
+    save_soma_adapter(resumed, tmp_path / "soma")
+    original = tf.Dinov2ForImageClassification.from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(original, tmp_path / "soma").eval()
+    with torch.no_grad():
+        assert_same_numbers(loaded(pixel_values=images).logits, expected)
+
+
+@pytest.mark.numerics
 def test_soma_segmenter_builds_trains_saves_and_loads(tiny_checkpoint, tmp_path):
     """The official segmenter with method="soma", scaled down (6 blocks: 2 frozen): at initialisation it computes what
     the unadapted segmenter computes; it trains the adapter, the biases and the head; the saved adapter loads into a
@@ -275,12 +306,17 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         initialize_soma(too_wide)
     after = too_wide.state_dict()
     assert all(torch.equal(after[key], value) for key, value in before.items())  # checked before anything changed
+    with pytest.raises(ValueError, match=r"already has PEFT adapter layers \('base_model.model.dinov2.encoder.layer"):
+        soma_config(too_wide)
     with pytest.raises(ValueError, match=r"no adapter 'other' \(it has \['default'\]\)"):
         initialize_soma(too_wide, "other")
 
     dora = get_peft_model(tiny_dinov2(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="uses DoRA"):
         initialize_soma(dora)
+    convolution = get_peft_model(tiny_dinov2(), LoraConfig(r=2, target_modules=["projection"]))  # patch embedding
+    with pytest.raises(ValueError, match=r"'.*patch_embeddings.projection' wraps a Conv2d .* defined for nn.Linear"):
+        initialize_soma(convolution)
     rein = get_peft_model(tiny_dinov2(), ReinConfig(token_length=4))
     with pytest.raises(ValueError, match="is a ReinConfig, not a LoraConfig"):
         initialize_soma(rein)

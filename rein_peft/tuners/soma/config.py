@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 SOMA_RANK = 16  # `rank = 16` in SoMA's config
@@ -55,8 +56,15 @@ def find_soma_targets(model: nn.Module) -> SomaTargets:
     `encoder.layer`, ViT's `layers`, CLIP's `vision_model.encoder.layers`, not its text tower).
 
     Raises:
-        ValueError: The model has no such list (not a ViT-family model).
+        ValueError: The model has no such list (not a ViT-family model), or already holds PEFT adapter layers.
     """
+    adapted = next((name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)), None)
+    if adapted is not None:
+        raise ValueError(
+            f"{type(model).__name__} already has PEFT adapter layers ('{adapted}'): soma_config reads the linears of "
+            "the unadapted model, and SoMA's initialisation decomposes the original weights. Call it on the model "
+            "before get_peft_model."
+        )
     modules = list(model.named_modules())
     start = next((index for index, (name, module) in enumerate(modules) if _is_patch_embedding(name, module)), 0)
     for name, module in modules[start:]:
@@ -100,7 +108,7 @@ def soma_config(
         modules_to_save: Modules that train and are saved whole besides the adapter (a classifier, a decoder head).
 
     Returns:
-        A `LoraConfig` (peft_type LORA): any PEFT version that knows LoRA loads adapters made with it.
+        A `LoraConfig` (peft_type LORA): adapters made with it load with PEFT alone, without rein_peft.
 
     Raises:
         ValueError: For a model without encoder blocks, a rank or alpha that is not positive, or layer choices that

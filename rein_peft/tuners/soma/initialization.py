@@ -61,9 +61,11 @@ def soma_lora_layers(
         raise ValueError(f"Adapter {adapter_name!r} adapts no module: nothing for SoMA to initialise.")
     for name, module in layers:
         base = module.get_base_layer()
-        if type(base) is not nn.Linear or getattr(module, "fan_in_fan_out", False):
+        plain_weight = type(base) is nn.Linear and type(base.weight.data) is torch.Tensor  # no quantized tensor
+        if not plain_weight or not base.weight.is_floating_point() or getattr(module, "fan_in_fan_out", False):
             raise ValueError(
-                f"'{name}' wraps a {type(base).__name__}: SoMA's initialisation is defined for nn.Linear weights "
+                f"'{name}' wraps a {type(base).__name__} with a {type(base.weight.data).__name__} weight of "
+                f"{base.weight.dtype}: SoMA's initialisation is defined for nn.Linear weights "
                 "[out, in] in float32, float16 or bfloat16 (not quantized, not Conv1D); leave it out of "
                 "target_modules."
             )
