@@ -3,6 +3,7 @@ checkpoint folder and `datasets` folders, as real checkpoints and data sets take
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -21,7 +22,14 @@ from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import domain_generalization as dg  # noqa: E402
-from dg_miniature.evaluation import PREMISE_MIN_COSINE, PREMISE_MIN_SOURCE_MIOU, feature_similarity  # noqa: E402
+from dg_miniature.benchmark import kept_runs, run_order  # noqa: E402
+from dg_miniature.evaluation import (  # noqa: E402
+    PREMISE_MIN_COSINE,
+    PREMISE_MIN_SOURCE_MIOU,
+    ROOM_MIN_GAP,
+    feature_similarity,
+    room_gate,
+)
 from dg_miniature.foundations import (  # noqa: E402
     FOLDER_PREFIX,
     BackboneRecipe,
@@ -31,8 +39,9 @@ from dg_miniature.foundations import (  # noqa: E402
     variance_covariance,
 )
 from dg_miniature.methods import METHODS, backbone_of, segmenter, segmenter_config  # noqa: E402
+from dg_miniature.settings import SETTINGS  # noqa: E402
 from dg_miniature.task import miniature_task, pixel_batches  # noqa: E402
-from dg_miniature.world import CLASS_NAMES, STYLES, scenes  # noqa: E402
+from dg_miniature.world import CLASS_NAMES, SHAPE_STYLES, STYLES, draw_shapes_layout, scenes  # noqa: E402
 
 QUICK = dg.QUICK
 TARGET_STYLES = ["texture", "palette", "noise", "blur", "lighting", "real"]
@@ -65,7 +74,7 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
         assert run["source_miou"] == pytest.approx(np.mean(source))  # their mean, the split's mIoU
     backbone = {method: row["trainable_backbone_params"] for method, row in results["summary"].items()}
     assert backbone["frozen"] == 0 < backbone["rein_lora16"] < backbone["rein"] < backbone["full"]
-    assert 0 < backbone["lora"] < backbone["full"]
+    assert 0 < backbone["lora"] < backbone["full"] and 0 < backbone["soma"] < backbone["full"]
     decoder = {row["trainable_params"] - row["trainable_backbone_params"] for row in results["summary"].values()}
     assert len(decoder) == 1  # the same decoder for every method
 
@@ -92,8 +101,29 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
     assert folder.name == FOLDER_PREFIX + recipe.fingerprint()
     assert json.loads((folder / "recipe.json").read_text())["steps"] == recipe.steps
     assert json.loads((folder / "config.json").read_text())["model_type"] == "dinov2"
-    second = _run_quick(tmp_path / "cache", tmp_path / "again", "--methods", "rein")
+    # the second setting, on the same foundation (not rebuilt): the room gate once the first seed's frozen and full
+    # fine-tuning runs are made (they run first, whatever the order of --methods: `run_order`); --resume writes the
+    # JSON after every run (nothing to keep in a new folder)
+    flags = ["--setting", "shapes", "--methods", "full", "frozen", "--resume"]
+    second = _run_quick(tmp_path / "cache", tmp_path / "again", *flags)
     assert "building the foundation backbone" not in second.stdout
+    out = second.stdout
+    assert (
+        out.index("frozen backbone + decoder, seed 0") < out.index("full fine-tuning, seed 0") < out.index("room gate")
+    )
+    shapes = json.loads((tmp_path / "again" / "domain_generalization_vicreg_shapes_quick.json").read_text())
+    assert shapes["setting"] == "shapes" and shapes["class_names"] == [*CLASS_NAMES, "conifer", "van"]
+    assert shapes["settings"]["decoder_channels"] == SETTINGS["shapes"].defaults["decoder_channels"]
+    assert list(shapes["summary"]) == ["full", "frozen"] and shapes["summary"]["full"]["seeds"] == [0]
+    source = {run["method"]: run["source_miou"] for run in shapes["runs"]}
+    room = shapes["room_gate"]
+    assert room["gap"] == pytest.approx(source["full"] - source["frozen"]) and room["min_gap"] == ROOM_MIN_GAP
+    assert room["lowest_cosine"] == pytest.approx(min(shapes["premise"].values()))
+    assert room["met"] == (room["gap"] >= ROOM_MIN_GAP and room["lowest_cosine"] >= PREMISE_MIN_COSINE)
+    # the street setting's bar against collapse (the frozen backbone's source mIoU at least 85) is not this one's
+    assert shapes["premise_gate"]["min_source_miou"] is None and shapes["premise_gate"]["source_miou_met"] is None
+    assert (tmp_path / "again" / "domain_generalization_vicreg_shapes_quick_predictions.png").stat().st_size > 0
+    assert results["setting"] == "street" and results["room_gate"] is None
 
 
 def test_a_rebuilt_foundation_has_the_same_weights(tmp_path):
@@ -119,7 +149,7 @@ def test_retired_foundations_are_refused_and_the_help_says_so(capsys):
     assert exit_info.value.code == 0 and "the MAE ones were retired" in help_text
 
 
-def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path):
+def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path, capsys):
     """The path of `--backbone facebook/dinov2-small --source ./gtav --target cityscapes=./cityscapes`."""
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8)
     Dinov2Model(config).save_pretrained(tmp_path / "backbone")
@@ -142,6 +172,9 @@ def test_a_checkpoint_folder_and_dataset_folders_run_the_same_protocol(tmp_path)
 
     with pytest.raises(SystemExit, match="NAME=DATASET"):
         dg.main([*flags, "--target", str(tmp_path / "cityscapes")])
+    with pytest.raises(SystemExit):  # the settings are the miniature's tasks, not a user's
+        dg.main([*flags, "--setting", "shapes"])
+    assert "--setting picks the miniature's source task" in capsys.readouterr().err
 
 
 def test_feature_similarity_is_one_for_the_same_images_and_lower_across_styles(tmp_path):
@@ -172,6 +205,55 @@ def test_styles_share_the_layouts_and_differ_in_pixels():
     assert set(np.unique(labels)) == set(range(len(CLASS_NAMES)))
     pixels = [np.stack([np.asarray(image, float) for image in split["image"]]) for split in (synthetic, real)]
     assert np.abs(pixels[0] - pixels[1]).mean(axis=(1, 2, 3)).min() > 10  # of 255
+
+
+def test_the_room_gate_needs_both_runs_the_gap_and_the_premise():
+    premise = {"palette": 0.9, "real": 0.85}
+    assert room_gate(premise, 0.5, None)["met"] is None and room_gate(premise, None, 0.7)["gap"] is None
+    gate = room_gate(premise, 0.5, 0.5 + ROOM_MIN_GAP + 0.01)
+    assert gate["met"] and gate["gap"] == pytest.approx(ROOM_MIN_GAP + 0.01) and gate["lowest_cosine"] == 0.85
+    assert not room_gate(premise, 0.5, 0.5 + ROOM_MIN_GAP - 0.01)["met"]  # too little room
+    assert not room_gate({**premise, "real": PREMISE_MIN_COSINE - 0.01}, 0.5, 0.9)["met"]  # the premise fails
+
+
+def test_the_room_gates_runs_come_first_and_resume_keeps_only_matching_runs(tmp_path):
+    order = [("frozen", 0), ("full", 0), ("soma", 0), ("soma", 1), ("full", 1), ("frozen", 1)]
+    assert run_order(["soma", "full", "frozen"], [0, 1], room_first=True) == order
+    assert run_order(["soma", "frozen"], [3], room_first=False) == [("soma", 3), ("frozen", 3)]
+    args = argparse.Namespace(methods=["soma"], seeds=[0], steps=100, setting="street", output=str(tmp_path))
+    foundation = {"backbone_recipe": {"layers": 6}, "premise_curve": [{"step": 1000, "premise": {"real": 0.92}}]}
+    runs = [{"method": method, "seed": seed} for method in ("frozen", "soma") for seed in (0, 1)]
+    earlier = {  # written before --setting existed: the street setting's
+        "settings": {"methods": ["frozen", "soma"], "seeds": [0, 1], "steps": 100},
+        "backbone_recipe": foundation["backbone_recipe"],
+        "pretraining": {"seconds": 800.0, "premise_curve": foundation["premise_curve"]},
+        "runs": runs,
+    }
+    path = tmp_path / "results.json"
+    assert kept_runs(str(path), args, foundation) == {}  # nothing written yet: nothing kept
+    path.write_text(json.dumps(earlier))
+    assert kept_runs(str(path), args, foundation) == {("soma", 0): runs[2]}  # only what is asked for
+    with pytest.raises(SystemExit, match=r"--steps 100 there, 200 now.*drop --resume"):
+        kept_runs(str(path), argparse.Namespace(**{**vars(args), "steps": 200}), foundation)
+    with pytest.raises(SystemExit, match=r"--setting 'street' there, 'shapes' now"):
+        kept_runs(str(path), argparse.Namespace(**{**vars(args), "setting": "shapes"}), foundation)
+    rebuilt = {**foundation, "premise_curve": [{"step": 1000, "premise": {"real": 0.91}}]}
+    with pytest.raises(SystemExit, match="the foundation"):
+        kept_runs(str(path), args, rebuilt)
+
+
+def test_the_shapes_setting_adds_look_alike_classes_to_the_same_streets():
+    """Conifers and vans drawn over `draw_layout`'s streets, in the colors of trees and cars in every style."""
+    street = scenes(STYLES["synthetic"], 1, 4, 64)
+    shapes = scenes(SHAPE_STYLES["synthetic"], 6, 4, 64, draw=draw_shapes_layout)
+    labels = np.stack([np.asarray(label) for label in shapes["label"]])
+    assert set(np.unique(labels)) <= set(range(len(CLASS_NAMES) + 2)) and (labels >= len(CLASS_NAMES)).any()
+    # the first scene is the same street (later ones differ: the new shapes draw from the same generator), and where
+    # no new shape covers it, its labels are the street's
+    first, kept = labels[0], labels[0] < len(CLASS_NAMES)
+    assert np.array_equal(first[kept], np.asarray(street["label"][0])[kept]) and not kept.all()
+    for style in SHAPE_STYLES.values():
+        assert style.colors[-2:] == (style.colors[3], style.colors[4]) and len(style.textures) == len(style.colors)
 
 
 def test_the_cache_is_named_by_the_recipe():

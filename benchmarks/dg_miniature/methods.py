@@ -1,5 +1,5 @@
 """The compared methods, each with the same decoder, steps, batches and optimiser: the frozen backbone + decoder,
-PEFT LoRA, full fine-tuning, Rein with full-rank tokens and Rein with lora_dim=16; the segmenters they train in
+PEFT LoRA, full fine-tuning, Rein with full-rank tokens, Rein with lora_dim=16 and SoMA; the segmenters they train in
 (UperNet over a `Dinov2Backbone`, or the official Rein segmenter) and the training loop."""
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from rein_peft.official.segmenter import BACKBONE_MODULE, apply_method, mask_tar
 
 from .task import Task
 
-METHODS = ("frozen", "lora", "full", "rein", "rein_lora16")
+METHODS = ("frozen", "lora", "full", "rein", "rein_lora16", "soma")
 METHOD_NAMES = {
     "frozen": "frozen backbone + decoder",
     "lora": "PEFT LoRA (r=16, q/v)",
     "full": "full fine-tuning",
     "rein": "Rein (full-rank tokens)",
     "rein_lora16": "Rein (lora_dim=16)",
+    "soma": "SoMA (LoRA r=16, minor components)",
 }
 DECODER = "decode_head"
 # --segmenter official: rein_peft.build_official_segmenter (Mask2Former over the x4/x2/x1/x0.5 pyramid, queries
@@ -37,6 +38,7 @@ OFFICIAL_METHODS = {
     "full": "full",
     "rein": "rein_full_rank",
     "rein_lora16": "rein",
+    "soma": "soma",
 }
 MINIATURE_OFFICIAL_DECODER = {
     "encoder_layers": 2,
@@ -93,6 +95,10 @@ def prepare(model: UperNetForSemanticSegmentation, method: str, seed: int) -> nn
             modules_to_save=[DECODER],
         )
         return get_peft_model(model, config)
+    if method == "soma":  # SoMA's recipe: r=16 on every linear of the blocks after the first third, and their biases
+        soma = get_peft_model(model, rein_peft.soma_config(model, modules_to_save=[DECODER]))
+        rein_peft.initialize_soma(soma)  # the minor singular components; the frozen weights become the residuals
+        return soma
     lora_dim = 16 if method == "rein_lora16" else None
     return get_peft_model(model, rein_peft.ReinConfig(lora_dim=lora_dim, modules_to_save=[DECODER]))
 

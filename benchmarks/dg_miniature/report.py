@@ -11,25 +11,44 @@ import numpy as np
 from PIL import Image
 
 from .methods import METHOD_NAMES
-from .world import SOURCE_STYLE, STYLES, scenes
+from .settings import DEFAULT_SETTING, SETTINGS, Setting
+from .world import SOURCE_STYLE, scenes
 
 RESULT_STEM = "domain_generalization"  # the output files' names: this, the foundation, the segmenter, quick or not
 
 
-def write(result: dict, pictures: dict[str, dict[str, dict]], args: argparse.Namespace) -> str:
-    """The JSON, the chart and the prediction picture (and, for the miniature, the styles) in `args.output`, named by
-    the foundation (none for a checkpoint named by --backbone), the segmenter and --quick; returns their stem."""
-    os.makedirs(args.output, exist_ok=True)
+def result_stem(args: argparse.Namespace) -> str:
+    """The output files' path without extension: in `args.output`, named by the foundation (none for a checkpoint
+    named by --backbone), the setting (none for the default), the segmenter and --quick."""
     name = RESULT_STEM + ("" if args.backbone else "_" + args.foundation)
+    name += "" if args.setting == DEFAULT_SETTING else "_" + args.setting
     name += ("_official" if args.segmenter == "official" else "") + ("_quick" if args.quick else "")
-    stem = os.path.join(args.output, name)
+    return os.path.join(args.output, name)
+
+
+def write_json(result: dict, args: argparse.Namespace) -> str:
+    """The JSON of every number at `result_stem(args)`; returns the stem."""
+    os.makedirs(args.output, exist_ok=True)
+    stem = result_stem(args)
     with open(stem + ".json", "w") as file:
         json.dump(result, file, indent=2)
+    return stem
+
+
+def write(result: dict, pictures: dict[str, dict[str, dict]], args: argparse.Namespace) -> str:
+    """The JSON, the chart and the prediction picture (and, for the miniature, the styles) at `result_stem(args)`;
+    returns the stem. A picture of only some of the methods (`--resume` keeps the others' numbers, not their
+    predictions) is named by them: `<stem>_predictions_<method>_<method>.png`."""
+    stem = write_json(result, args)
     plot(result, stem + ".png")
-    prediction_picture(pictures, stem + "_predictions.png")
-    print(f"\nwrote {stem}.json, {stem}.png and {stem}_predictions.png")
+    pictures = {method: pictures[method] for method in result["summary"] if method in pictures}  # the table's order
+    picture = stem + "_predictions"
+    picture += "" if len(pictures) == len(result["summary"]) else "_" + "_".join(pictures)
+    if pictures:
+        prediction_picture(pictures, picture + ".png")
+    print(f"\nwrote {stem}.json, {stem}.png" + (f" and {picture}.png" if pictures else ""))
     if args.source is None:
-        preview_styles(stem + "_styles.png")
+        preview_styles(stem + "_styles.png", SETTINGS[args.setting])
     return stem
 
 
@@ -38,13 +57,16 @@ def print_table(result: dict) -> None:
     targets, summary = result["target_names"], result["summary"]
     if result["premise"]:
         print_premise(result["premise"], result["premise_gate"], result["premise_other_scenes"])
+    if result["room_gate"]:
+        print_room_gate(result["room_gate"])
     print(f"\nmIoU (%) trained on {result['source_name']!r}, mean ± std over seeds {result['settings']['seeds']}\n")
-    _markdown_row(["method", "trainable (backbone)", "source", *targets, "target mean", "train s"])
-    _markdown_row(["---"] * (len(targets) + 5))
+    _markdown_row(["method", "trainable (backbone)", "source", *targets, "target mean", "train s", "seeds"])
+    _markdown_row(["---"] * (len(targets) + 6))
     for method, row in summary.items():
         cells = [METHOD_NAMES[method], f"{row['trainable_params']:,} ({row['trainable_backbone_params']:,})"]
         cells += [_percent(row["source_miou"]), *(_percent(row["target_miou"][name]) for name in targets)]
-        _markdown_row([*cells, _percent(row["target_mean_miou"]), f"{row['train_seconds']['mean']:.0f}"])
+        cells += [_percent(row["target_mean_miou"]), f"{row['train_seconds']['mean']:.0f}"]
+        _markdown_row([*cells, ", ".join(map(str, row["seeds"]))])
     if any(row["feature_similarity"] for row in summary.values()):
         print("\ncosine similarity of the deepest decoder input, same scenes in source vs target style (mean)\n")
         _markdown_row(["method", *targets])
@@ -69,15 +91,32 @@ def print_premise(premise: dict[str, float], gate: dict, other_scenes: float) ->
     _markdown_row([*premise, "other scenes, same style"])
     _markdown_row(["---"] * (len(premise) + 1))
     _markdown_row([*(f"{value:.3f}" for value in premise.values()), f"{other_scenes:.3f}"])
-    source = gate["frozen_source_miou"]
+    source, bar = gate["frozen_source_miou"], gate["min_source_miou"]
+    frozen = f"frozen backbone + decoder >= {100 * (bar or 0):.0f} mIoU on the source"
+    if bar is None:
+        frozen = "no bar on the frozen backbone + decoder's source mIoU in this setting"
+    elif source is None:
+        frozen += " (not measured: the frozen method was not run)"
+    else:
+        frozen += f" ({'met' if gate['source_miou_met'] else 'NOT met'}, {100 * source:.1f})"
     print(
         f"\ngate: every style >= {gate['min_cosine']} ({'met' if gate['cosine_met'] else 'NOT met'}, lowest "
-        f"{min(premise.values()):.3f}); frozen backbone + decoder >= {100 * gate['min_source_miou']:.0f} mIoU on the "
-        + (
-            f"source ({'met' if gate['source_miou_met'] else 'NOT met'}, {100 * source:.1f})"
-            if source is not None
-            else "source (not measured: the frozen method was not run)"
-        ),
+        f"{min(premise.values()):.3f}); {frozen}",
+        flush=True,
+    )
+
+
+def print_room_gate(gate: dict) -> None:
+    """Whether the source task leaves room in-domain (`evaluation.room_gate`): full fine-tuning against the frozen
+    backbone + decoder on the source (first seed), and the premise."""
+    if gate["met"] is None:
+        print("\nroom gate: not measured (it needs the frozen and the full fine-tuning runs)", flush=True)
+        return
+    print(
+        f"\nroom gate ({'met' if gate['met'] else 'NOT met'}): full fine-tuning {100 * gate['full_source_miou']:.1f} "
+        f"vs frozen backbone + decoder {100 * gate['frozen_source_miou']:.1f} mIoU on the source, a gap of "
+        f"{100 * gate['gap']:.1f} (bar {100 * gate['min_gap']:.0f}); every style's premise >= {gate['min_cosine']} "
+        f"(lowest {gate['lowest_cosine']:.3f})",
         flush=True,
     )
 
@@ -90,16 +129,18 @@ def _percent(figure: dict) -> str:
     return f"{100 * figure['mean']:.1f} ± {100 * figure['std']:.1f}"
 
 
-LABEL_COLORS = np.array([[70, 130, 240], [150, 140, 120], [80, 80, 80], [40, 160, 40], [220, 30, 30]], np.uint8)
+# per class: sky, building, road, vegetation, vehicle, then the shapes setting's conifer and van
+LABEL_COLORS = np.array(
+    [[70, 130, 240], [150, 140, 120], [80, 80, 80], [40, 160, 40], [220, 30, 30], [20, 90, 60], [240, 150, 30]],
+    np.uint8,
+)
 
 
-def preview_styles(path: str, num_scenes: int = 6, side: int = 64) -> None:
-    """One row per style of the same held-out scenes, and their label maps below."""
-    rows = []
-    for style in STYLES.values():
-        rows.append(np.concatenate([np.asarray(image) for image in scenes(style, num_scenes, 100, side)["image"]], 1))
-    labels = scenes(STYLES[SOURCE_STYLE], num_scenes, 100, side)["label"]
-    rows.append(np.concatenate([LABEL_COLORS[np.asarray(label)] for label in labels], 1))
+def preview_styles(path: str, setting: Setting, num_scenes: int = 6, side: int = 64) -> None:
+    """One row per style of `setting` for the same held-out scenes, and their label maps below."""
+    drawn = {name: scenes(style, num_scenes, 100, side, draw=setting.draw) for name, style in setting.styles.items()}
+    rows = [np.concatenate([np.asarray(image) for image in split["image"]], 1) for split in drawn.values()]
+    rows.append(np.concatenate([LABEL_COLORS[np.asarray(label)] for label in drawn[SOURCE_STYLE]["label"]], 1))
     grid = Image.fromarray(np.concatenate(rows, 0))
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 

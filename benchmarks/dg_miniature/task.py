@@ -12,7 +12,8 @@ from transformers import Mask2FormerConfig, UperNetConfig
 
 from rein_peft.official import protocol
 
-from .world import CLASS_NAMES, SOURCE_STYLE, STYLES, scenes
+from .settings import DEFAULT_SETTING, SETTINGS, Setting
+from .world import SOURCE_STYLE, scenes
 
 
 @dataclass
@@ -27,14 +28,19 @@ class Task:
     paired: bool = False  # each target holds the source's held-out scenes, in order, drawn in another style
 
 
-def miniature_task(train_images: int, eval_images: int, side: int) -> Task:
-    """`train_images` scenes in the source style to train on, and `eval_images` held-out scenes drawn in the source
-    and in every target style, all `side` pixels square."""
+def miniature_task(
+    train_images: int, eval_images: int, side: int, setting: Setting = SETTINGS[DEFAULT_SETTING]
+) -> Task:
+    """`train_images` scenes of `setting` in its source style to train on, and `eval_images` held-out scenes drawn in
+    the source and in every target style, all `side` pixels square."""
     # the held-out scenes are the same layouts in every style: only the style differs between source and targets
-    targets = {name: scenes(style, eval_images, 100, side) for name, style in STYLES.items()}
+    targets = {
+        name: scenes(style, eval_images, 100, side, draw=setting.draw) for name, style in setting.styles.items()
+    }
     source = targets.pop(SOURCE_STYLE)
-    train = scenes(STYLES[SOURCE_STYLE], train_images, 1, side)
-    return Task(train, source, targets, len(CLASS_NAMES), list(CLASS_NAMES), paired=True)
+    train = scenes(setting.styles[SOURCE_STYLE], train_images, 1, side, draw=setting.draw)
+    names = list(setting.class_names)
+    return Task(train, source, targets, len(names), names, paired=True)
 
 
 def load_any_dataset(path_or_name: str) -> datasets.Dataset | datasets.DatasetDict:

@@ -5,7 +5,8 @@ real images differ from synthetic ones, and random styles for the foundation's p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import datasets
 import numpy as np
@@ -93,6 +94,51 @@ STYLES = {
 }
 TEXTURE_KINDS = ("flat", "stripes", "checker", "blotches", "grain", "gradient")
 
+# the shapes setting: the same streets with two more classes told apart from two others by shape alone, drawn in
+# their colors and textures in every style: conifers (triangular crowns) beside the round trees and vans (one tall
+# box) beside the cars (a body and a narrower cabin); the foundation's pretraining scenes (`draw_layout`) hold neither
+SHAPE_CLASS_NAMES = (*CLASS_NAMES, "conifer", "van")
+CONIFER, VAN = range(len(CLASS_NAMES), len(SHAPE_CLASS_NAMES))
+LOOKS_LIKE = (VEGETATION, VEHICLE)  # the class whose color and texture each new class takes, in every style
+SHAPE_STYLES = {
+    name: replace(
+        style,
+        colors=style.colors + tuple(style.colors[base] for base in LOOKS_LIKE),
+        textures=style.textures + tuple(style.textures[base] for base in LOOKS_LIKE),
+    )
+    for name, style in STYLES.items()
+}
+
+
+def draw_shapes_layout(rng: np.random.Generator, side: int) -> Layout:
+    """`draw_layout`'s street, then 0 to 2 conifers standing on the horizon (a triangular crown on a trunk) and 0 to 2
+    vans on the road (one box, about as tall as wide, growing with nearness), covering what is behind them."""
+    street = draw_layout(rng, side)
+    rows, cols = np.mgrid[0:side, 0:side]
+    instances, classes = street.instances.copy(), list(street.instance_classes)
+    horizon = int(np.argmax((street.labels == ROAD).any(axis=1)))  # the first row with road
+
+    def paint(mask: np.ndarray, class_id: int) -> None:
+        instances[mask] = len(classes)
+        classes.append(class_id)
+
+    for _ in range(int(rng.integers(0, 3))):
+        height, center = rng.uniform(0.2, 0.4) * side, rng.uniform(0, side)
+        top = horizon - height
+        crown = (rows >= top) & (rows < horizon - 0.15 * height)
+        crown &= np.abs(cols - center) <= 0.3 * height * (rows - top) / height + 0.5
+        trunk = (np.abs(cols - center) <= max(1.0, 0.04 * height)) & (rows >= top) & (rows < horizon + 2)
+        paint(crown | trunk, CONIFER)
+    for _ in range(int(rng.integers(0, 3))):
+        bottom = rng.uniform(horizon + 0.15 * side, side + 0.05 * side)
+        nearness = (bottom - horizon) / (side - horizon)
+        width = (0.16 + 0.18 * nearness) * side * rng.uniform(0.9, 1.1)
+        left = rng.uniform(-0.2 * width, side - 0.8 * width)
+        top = bottom - width * rng.uniform(0.8, 1.0)
+        paint((cols >= left) & (cols < left + width) & (rows >= top) & (rows < bottom), VAN)
+    instance_classes = tuple(classes)
+    return Layout(np.asarray(instance_classes)[instances].astype(np.uint8), instances, instance_classes)
+
 
 def texture_field(kind: str, rng: np.random.Generator, side: int) -> np.ndarray:
     """A `[H, W]` pattern in about [-1, 1]."""
@@ -159,15 +205,22 @@ def random_style(rng: np.random.Generator) -> Style:
     )
 
 
-def scenes(style: Style | None, num_images: int, seed: int, side: int, variant: int = 0) -> datasets.Dataset:
+def scenes(
+    style: Style | None,
+    num_images: int,
+    seed: int,
+    side: int,
+    variant: int = 0,
+    draw: Callable[[np.random.Generator, int], Layout] = draw_layout,
+) -> datasets.Dataset:
     """`num_images` scenes in `style` (`None`: a random style per image) as a dataset of images and label maps. The
-    layouts depend on `seed` alone: the same seed draws the same scenes in every style, and each `variant` draws
-    other random styles (and texture, noise) for them."""
+    layouts (drawn by `draw`) depend on `seed` alone: the same seed draws the same scenes in every style, and each
+    `variant` draws other random styles (and texture, noise) for them."""
     layout_rng = np.random.default_rng([seed, 0])
     style_rng = np.random.default_rng([seed, 1] if variant == 0 else [seed, 1, variant])
     images, label_maps = [], []
     for _ in range(num_images):
-        layout = draw_layout(layout_rng, side)
+        layout = draw(layout_rng, side)
         images.append(render(layout, style or random_style(style_rng), style_rng))
         label_maps.append(Image.fromarray(layout.labels))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
