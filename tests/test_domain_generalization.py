@@ -118,6 +118,7 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
     assert "building the foundation backbone" not in quick_run.second
 
 
+@HEAVY  # as the other test of the quick run, so that they stay together and the module's fixture runs once
 @QUICK_RUN
 def test_a_rebuilt_foundation_has_the_same_weights(quick_run, tmp_path):
     """Built twice from scratch (the quick recipe) into two caches, the quick run's and a new one: the same tensors,
