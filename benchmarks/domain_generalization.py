@@ -77,8 +77,9 @@ from dg_miniature.settings import DEFAULT_SETTING, SETTINGS
 from rein_peft.utils.extras import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# --quick: a tiny task and run (the foundation is shrunk too: `dg_miniature.foundations.QUICK_SIZES`)
-QUICK = {"train_images": 64, "eval_images": 8, "steps": 4, "batch_size": 8, "seeds": [0], "pictures": 2}
+# --quick: a tiny task and run (the foundation is shrunk too: `dg_miniature.foundations.QUICK_SIZES`), the smallest
+# that still runs every part of the pipeline (tests/ run it: each step and each evaluated scene costs suite time)
+QUICK = {"train_images": 16, "eval_images": 4, "steps": 2, "batch_size": 4, "seeds": [0], "pictures": 2}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -131,8 +131,27 @@ FAMILIES = {
 FLOAT32_RTOL = 1e-5
 
 # Tests that launch several processes (torchrun, accelerate launch) rendezvous on the launchers' default port 29500:
-# pytest-xdist runs the tests of this group one after the other, on one worker
-MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
+# pytest-xdist runs the tests marked so one after the other, on one worker (their `xdist_group`, added below). Their
+# processes compute on one thread (OMP_NUM_THREADS=1 in their environment) in every run, so scripts/test.sh's
+# one-thread rerun of the numerics tests leaves them out: it would compare one thread with one thread, which the main
+# run's comparison (the ranks against the reference this process computes on its default threads) covers
+MULTIPROCESS = pytest.mark.multiprocess
+
+# The end-to-end runs that take a large share of the suite (a benchmark's quick mode, an example's training, the
+# launchers): pytest-xdist starts them first (`pytest_collection_modifyitems` below), so that the other worker runs
+# the many short tests meanwhile instead of one worker finishing a long test alone at the end
+HEAVY = pytest.mark.heavy
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist the `multiprocess` tests in one xdist group; the tests marked `heavy` first, every other
+    test in its collected order after them."""
+    if config.pluginmanager.has_plugin("xdist"):
+        for item in items:
+            if item.get_closest_marker(MULTIPROCESS.name):
+                item.add_marker(pytest.mark.xdist_group(MULTIPROCESS.name))
+    items.sort(key=lambda item: item.get_closest_marker(HEAVY.name) is None)
 
 
 def assert_same_numbers(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FLOAT32_RTOL) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HEAVY
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -28,6 +29,7 @@ def test_convnext_flop_model_counts_convnext_t():
     assert base == pytest.approx(4.45e9, rel=0.01) and rein_input == pytest.approx(0.949e9, rel=0.01)
 
 
+@HEAVY
 def test_benchmark_runs_and_writes_json_and_png(tmp_path):
     command = [
         sys.executable,
@@ -66,6 +68,7 @@ def test_mixed_batch_benchmark_runs_and_writes_json(tmp_path):
     assert results["mixed_over_one"] > 0
 
 
+@HEAVY
 def test_memory_benchmark_runs_and_labels_every_figure(tmp_path):
     # 128 px instead of the default 512: 81 tokens instead of 1296, and every figure asserted below still holds
     command = [sys.executable, str(BENCHMARKS / "memory.py"), "--quick", "--steps", "1", "--resolution", "128"]

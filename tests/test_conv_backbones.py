@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from conftest import assert_same_numbers, pixels, randomize_adapter, tiny_mask2former_config
+from conftest import HEAVY, assert_same_numbers, pixels, randomize_adapter, tiny_mask2former_config
 from peft import PeftModel, get_peft_model
 from reference import ReferenceRein, official_tensors
 from safetensors.torch import load_file
@@ -611,6 +611,7 @@ def test_an_int8_backbone_takes_a_staged_adapter_close_to_full_precision():
     assert len(gradients) == 2 and all(gradient.abs().max() > 0 for gradient in gradients)
 
 
+@HEAVY
 @pytest.mark.parametrize(
     "flags",
     [

@@ -4,17 +4,18 @@ checkpoint folder and `datasets` folders, as real checkpoints and data sets take
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_numbers
+from conftest import HEAVY, assert_same_numbers
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
@@ -47,17 +48,41 @@ QUICK = dg.QUICK
 TARGET_STYLES = ["texture", "palette", "noise", "blur", "lighting", "real"]
 
 
-def _run_quick(cache: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(BENCHMARKS / "domain_generalization.py"), "--quick", *flags]
-    command += ["--cache_dir", str(cache), "--output", str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+# the tests that read the one quick run (`quick_run`): one worker runs them all, so the module's fixture runs once
+QUICK_RUN = pytest.mark.xdist_group("domain_generalization_quick_run")
 
 
-def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_caches_the_backbone(tmp_path):
-    first = _run_quick(tmp_path / "cache", tmp_path / "out")
-    assert "building the foundation backbone" in first.stdout
+@dataclass(frozen=True)
+class QuickRun:
+    folder: Path  # holding the cache ("cache"), the first run's output ("out") and the second's ("again")
+    first: str  # stdout of `--quick`, into an empty cache
+    second: str  # stdout of `--quick --setting shapes --methods full frozen --resume`, into the same cache
+
+
+def _run_quick(cache: Path, output: Path, *flags: str) -> str:
+    """The command line `domain_generalization.py --quick`, in this process (a subprocess would only add seconds of
+    imports: the script's `__main__` only calls `main`, run as `__main__` by tests/test_command_lines.py); its
+    stdout."""
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        dg.main(["--quick", *flags, "--cache_dir", str(cache), "--output", str(output)])
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """The quick benchmark, every method, into an empty cache; then the second setting (two methods) into the same
+    cache."""
+    folder = tmp_path_factory.mktemp("domain_generalization_quick")
+    first = _run_quick(folder / "cache", folder / "out")
+    flags = ["--setting", "shapes", "--methods", "full", "frozen", "--resume"]
+    return QuickRun(folder, first, _run_quick(folder / "cache", folder / "again", *flags))
+
+
+@HEAVY
+@QUICK_RUN
+def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_caches_the_backbone(quick_run):
+    first, tmp_path = quick_run.first, quick_run.folder
+    assert "building the foundation backbone" in first
     results = json.loads((tmp_path / "out" / "domain_generalization_vicreg_quick.json").read_text())
     assert (tmp_path / "out" / "domain_generalization_vicreg_quick.png").stat().st_size > 0
     assert results["target_names"] == TARGET_STYLES and results["source_name"] == "synthetic"
@@ -88,7 +113,7 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
     assert gate["frozen_source_miou"] == frozen["source_miou"]
     assert gate["cosine_met"] == (min(results["premise"].values()) >= PREMISE_MIN_COSINE)
     assert gate["source_miou_met"] == (frozen["source_miou"] >= PREMISE_MIN_SOURCE_MIOU)
-    assert first.stdout.index("gate: every style") < first.stdout.index("PEFT LoRA (r=16, q/v), seed 0")
+    assert first.index("gate: every style") < first.index("PEFT LoRA (r=16, q/v), seed 0")
     recipe = foundation_recipe("vicreg", quick=True)
     (point,) = results["pretraining"]["premise_curve"]  # the quick recipe's 4 steps: one point, at the end
     assert point["step"] == recipe.steps and list(point["premise"]) == TARGET_STYLES
@@ -104,10 +129,8 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
     # the second setting, on the same foundation (not rebuilt): the room gate once the first seed's frozen and full
     # fine-tuning runs are made (they run first, whatever the order of --methods: `run_order`); --resume writes the
     # JSON after every run (nothing to keep in a new folder)
-    flags = ["--setting", "shapes", "--methods", "full", "frozen", "--resume"]
-    second = _run_quick(tmp_path / "cache", tmp_path / "again", *flags)
-    assert "building the foundation backbone" not in second.stdout
-    out = second.stdout
+    out = quick_run.second
+    assert "building the foundation backbone" not in out
     assert (
         out.index("frozen backbone + decoder, seed 0") < out.index("full fine-tuning, seed 0") < out.index("room gate")
     )
@@ -126,11 +149,15 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
     assert results["setting"] == "street" and results["room_gate"] is None
 
 
-def test_a_rebuilt_foundation_has_the_same_weights(tmp_path):
-    """Built twice from scratch (the quick recipe) into two caches: the same tensors, bit for bit. Same process, same
-    kernels, same thread count: a rebuild that differs at all draws or trains differently, and its cache name lies."""
+@HEAVY  # as the other test of the quick run, so that they stay together and the module's fixture runs once
+@QUICK_RUN
+def test_a_rebuilt_foundation_has_the_same_weights(quick_run, tmp_path):
+    """Built twice from scratch (the quick recipe) into two caches, the quick run's and a new one: the same tensors,
+    bit for bit. Same process (the module's fixture ran in this one), same kernels, same thread count: a rebuild that
+    differs at all draws or trains differently, and its cache name lies."""
     recipe = foundation_recipe("vicreg", quick=True)
-    folders = [build_backbone(recipe, str(tmp_path / cache)) for cache in ("first", "second")]
+    folders = [quick_run.folder / "cache" / (FOLDER_PREFIX + recipe.fingerprint())]
+    folders.append(build_backbone(recipe, str(tmp_path / "second")))
     first, second = (load_file(Path(folder) / "model.safetensors") for folder in folders)
     assert list(first) == list(second) and len(first) > 10
     for name, tensor in first.items():

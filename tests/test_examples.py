@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MULTIPROCESS
+from conftest import HEAVY, MULTIPROCESS
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from PIL import Image
@@ -38,6 +38,7 @@ def _run_script(*args: str, launcher: list[str] | None = None, cwd: Path | None 
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+@HEAVY
 def test_embedded_default_shows_the_adapter_doing_work(tmp_path):
     results = main(["--output_dir", str(tmp_path)])
     assert results["accuracy_after"] >= 0.9  # 4 classes: chance is 0.25

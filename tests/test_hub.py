@@ -24,6 +24,10 @@ from huggingface_hub import ModelCard
 
 BASE_REPO, ADAPTER_REPO, PINNED_REPO = "tester/tiny-dinov2", "tester/rein-adapter", "tester/rein-pinned"
 
+# the module's fixtures (a Hub server, the pushes of a client process) run once on each pytest-xdist worker that runs
+# a test of this module: one worker runs them all
+pytestmark = pytest.mark.xdist_group("hub")
+
 # Run before every client script. `OUT` is the script's own folder (also its working directory), `ARGS` its inputs.
 HUB_PRELUDE = f"""
 import json

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HEAVY
 from PIL import Image
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -32,6 +33,7 @@ def _captions(picture: Image.Image) -> list[bool]:
     return [bool(lines[:height].any())] + [bool(columns[:, i * third : (i + 1) * third].any()) for i in range(3)]
 
 
+@HEAVY
 def test_offline_default_runs_the_protocol_end_to_end(tmp_path):
     result = reproduce.main(["--output_dir", str(tmp_path), *QUICK, "--methods", "frozen", "rein", "soma"])
     assert result["offline"] and result["source_names"] == ["gta"]

@@ -12,6 +12,7 @@ import datasets
 import evaluate
 import numpy as np
 import pytest
+from conftest import HEAVY
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ from train_semantic_segmentation import DECODER_MODULES, EMBEDDED_DATASET, main 
 QUICK = ["--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "1", "--skip_baseline"]
 
 
+@HEAVY
 @pytest.mark.parametrize(
     "decoder_flags", [["--decoder", "upernet"], ["--decoder", "mask2former", "--link_token_to_query"]]
 )
