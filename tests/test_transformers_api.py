@@ -267,6 +267,8 @@ def test_an_adapter_folder_alone_builds_its_base_with_the_heads_labels(
     config = ReinConfig(token_length=6, lora_dim=2, modules_to_save=["classifier"])
     if saved_by == "transformers":
         model = _five_class_model(headless_base)
+        if refused_for_old_peft(lambda: model.add_adapter(config)):
+            return
         model.add_adapter(config)
     else:
         model = get_peft_model(_five_class_model(headless_base), config)
@@ -290,9 +292,9 @@ def test_an_adapter_folder_alone_builds_its_base_with_the_heads_labels(
 
 
 def test_a_head_of_another_label_count_is_refused_naming_both_counts(headless_base: Path, tmp_path: Path):
-    model = _five_class_model(headless_base)
-    model.add_adapter(ReinConfig(token_length=6, modules_to_save=["classifier"]))
-    model.save_pretrained(tmp_path)
+    # saved by PEFT: transformers 5.24+ refuses its add_adapter with PEFT < 0.22, and the loads are what is tested
+    config = ReinConfig(token_length=6, modules_to_save=["classifier"])
+    get_peft_model(_five_class_model(headless_base), config).save_pretrained(tmp_path)
     expected = r"trained for 5 labels .* has 2 \(config.num_labels\)\. .* from_pretrained\(\.\.\., num_labels=5\)"
     with pytest.raises(ReinStateDictError, match=expected):  # labels given by the caller win over the adapter's
         tf.AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=2)
