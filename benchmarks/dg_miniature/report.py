@@ -41,7 +41,8 @@ def write(result: dict, pictures: dict[str, dict[str, dict]], args: argparse.Nam
     predictions) is named by them: `<stem>_predictions_<method>_<method>.png`."""
     stem = write_json(result, args)
     plot(result, stem + ".png")
-    pictures = {method: pictures[method] for method in result["summary"] if method in pictures}  # the table's order
+    # the table's order; none with `--pictures 0`
+    pictures = {method: pictures[method] for method in result["summary"] if method in pictures and args.pictures}
     picture = stem + "_predictions"
     picture += "" if len(pictures) == len(result["summary"]) else "_" + "_".join(pictures)
     if pictures:
