@@ -300,23 +300,20 @@ def run_method(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     full = method == "full"
     scheduler = None  # Trainer's own: the polynomial decay of the official schedule
+    adamw = {
+        "lr": training.learning_rate,
+        "weight_decay": training.weight_decay,
+        "betas": (training.adam_beta1, training.adam_beta2),
+        "eps": training.adam_epsilon,
+    }
     if method == "soma":  # SoMA's recipe: its AdamW groups, poly lr and the cosine-annealed weight decay
-        optimizer = rein_peft.create_soma_optimizer(
-            model,
-            lr=training.learning_rate,
-            weight_decay=training.weight_decay,
-            betas=(training.adam_beta1, training.adam_beta2),
-            eps=training.adam_epsilon,
-        )
+        optimizer = rein_peft.create_soma_optimizer(model, **adamw)
         power = training.lr_scheduler_kwargs.get("power", 1.0)
         scheduler = rein_peft.PolyLRCosineWeightDecay(optimizer, total_steps=training.max_steps, power=power)
     else:
         optimizer = protocol.official_optimizer(
             model,
-            lr=training.learning_rate,
-            weight_decay=training.weight_decay,
-            betas=(training.adam_beta1, training.adam_beta2),
-            eps=training.adam_epsilon,
+            **adamw,
             backbone=base.get_submodule(BACKBONE_MODULE) if full else None,
             backbone_lr_multiplier=args.backbone_lr_multiplier if full else 1.0,
         )
