@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -132,9 +133,9 @@ FLOAT32_RTOL = 1e-5
 
 # Tests that launch several processes (torchrun, accelerate launch) rendezvous on the launchers' default port 29500:
 # pytest-xdist runs the tests marked so one after the other, on one worker (their `xdist_group`, added below). Their
-# processes compute on one thread (OMP_NUM_THREADS=1 in their environment) in every run, so scripts/test.sh's
-# one-thread rerun of the numerics tests leaves them out: it would compare one thread with one thread, which the main
-# run's comparison (the ranks against the reference this process computes on its default threads) covers
+# processes compute on one thread (OMP_NUM_THREADS=1 in their environment) and the reference they are compared with
+# on two (`on_threads`) in every run, so scripts/test.sh's rerun of the numerics tests on the default threads leaves
+# them out
 MULTIPROCESS = pytest.mark.multiprocess
 
 # The end-to-end runs that take a large share of the suite (a benchmark's quick mode, an example's training, the
@@ -152,6 +153,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker(MULTIPROCESS.name):
                 item.add_marker(pytest.mark.xdist_group(MULTIPROCESS.name))
     items.sort(key=lambda item: item.get_closest_marker(HEAVY.name) is None)
+
+
+@contextlib.contextmanager
+def on_threads(count: int) -> Iterator[None]:
+    """Compute on `count` threads inside the block (torch's intra-op threads; OMP_NUM_THREADS sets only the start)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def assert_same_numbers(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FLOAT32_RTOL) -> None:
