@@ -5,6 +5,7 @@ and a DINOv2-g-sized backbone (hidden 1536, 40 layers, SwiGLU: 1.1B parameters),
     python benchmarks/memory.py                              # the CPU run whose results are in benchmarks/results/
     python benchmarks/memory.py --device cuda --dtype bfloat16   # on a GPU: CUDA max-allocated, bf16 backbone
     python benchmarks/memory.py --quick                      # a one-minute smoke run on miniature widths
+    python benchmarks/memory.py --backbones ViT-L/16 --methods rein rein+int8   # only these rows
 
 Every figure is labelled "measured" or "computed":
 
@@ -222,10 +223,10 @@ def _shared_flags(args) -> list[str]:
 
 
 def run(args) -> dict:
-    backbones = QUICK_BACKBONES if args.quick else BACKBONES
+    backbones = {name: (QUICK_BACKBONES if args.quick else BACKBONES)[name] for name in args.backbones}
     rows = []
     for backbone in backbones.values():
-        for method in METHODS:
+        for method in args.methods:
             estimate = computed(backbone, method, args)
             row = {
                 "backbone": backbone.name,
@@ -321,9 +322,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--max_measure_gib", type=float, default=20.0, help="of a 24 GiB machine")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per measured configuration")
     parser.add_argument("--quick", action="store_true", help="miniature backbones, for a smoke run")
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        help=f"only these backbones (default: all; {', '.join(BACKBONES)}; with --quick {', '.join(QUICK_BACKBONES)})",
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="only these methods")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--measure_one", nargs=2, metavar=("BACKBONE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    known = QUICK_BACKBONES if args.quick else BACKBONES
+    args.backbones = args.backbones or list(known)
+    unknown = [name for name in args.backbones if name not in known]
+    if unknown:
+        parser.error(
+            f"--backbones: no backbone {', '.join(unknown)}{' with --quick' if args.quick else ''}; "
+            f"choose from {', '.join(known)}"
+        )
     if args.measure_one:
         backbones = QUICK_BACKBONES if args.quick else BACKBONES
         print(json.dumps(measure(backbones[args.measure_one[0]], args.measure_one[1], args)))

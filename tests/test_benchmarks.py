@@ -69,22 +69,46 @@ def test_mixed_batch_benchmark_runs_and_writes_json(tmp_path):
 
 
 @HEAVY
-def test_memory_benchmark_runs_and_labels_every_figure(tmp_path):
-    # 128 px instead of the default 512: 81 tokens instead of 1296, and every figure asserted below still holds
+def test_memory_benchmark_measures_in_fresh_processes_and_labels_every_figure(tmp_path):
+    # one backbone, the plain and the int8 method (each measured in a fresh process of its own); 128 px instead of
+    # the default 512. The computed figures of every row are checked in-process below
     command = [sys.executable, str(BENCHMARKS / "memory.py"), "--quick", "--steps", "1", "--resolution", "128"]
-    command += ["--output", str(tmp_path)]
+    command += ["--backbones", "mini-DINOv2", "--methods", "rein", "rein+int8", "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "memory_cpu_float32_quick.json").read_text())
-    rows = {(row["backbone"], row["method"]): row for row in results["rows"]}
-    assert len(rows) == 2 * 6 and (tmp_path / "memory_cpu_float32_quick.png").stat().st_size > 0
-    for backbone in ("mini-ViT", "mini-DINOv2"):
-        computed = {method: rows[backbone, method]["computed_bytes"] for method in ("full", "rein", "rein+ckpt")}
-        assert computed["rein"]["gradients"] < computed["full"]["gradients"] / 5
-        assert computed["rein+ckpt"]["activations"] < computed["rein"]["activations"]
-        int8_weights = rows[backbone, "rein+int8"]["computed_bytes"]["weights"]
-        assert int8_weights < 0.7 * computed["rein"]["weights"]  # int8 linear layers; embeddings and Rein stay fp32
-        assert all(row["measured_peak_gib"] > 0 and row["measured_step_s"] > 0 for row in rows.values())
+    assert [(row["backbone"], row["method"]) for row in results["rows"]] == [
+        ("mini-DINOv2", "rein"),
+        ("mini-DINOv2", "rein+int8"),
+    ]
+    assert (tmp_path / "memory_cpu_float32_quick.png").stat().st_size > 0
+    for row in results["rows"]:
+        assert row["measured_peak_gib"] > 0 and row["measured_step_s"] > 0 and row["computed_step_s"] > 0
+        assert f"{row['measured_peak_gib']:9.2f}  measured" in result.stdout
+
+
+def test_memory_benchmark_refuses_an_unknown_backbone(capsys):
+    import memory
+
+    with pytest.raises(SystemExit) as error:
+        memory.main(["--quick", "--backbones", "ViT-L/16"])
+    assert error.value.code == 2
+    assert (
+        "--backbones: no backbone ViT-L/16 with --quick; choose from mini-ViT, mini-DINOv2" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("backbone", ["mini-ViT", "mini-DINOv2"])
+def test_computed_memory_of_every_method_orders_as_designed(backbone):
+    import memory
+
+    args = argparse.Namespace(device="cpu", dtype="float32", resolution=128, batch=2)
+    computed = {
+        method: memory.computed(memory.QUICK_BACKBONES[backbone], method, args)["bytes"] for method in memory.METHODS
+    }
+    assert computed["rein"]["gradients"] < computed["full"]["gradients"] / 5
+    assert computed["rein+ckpt"]["activations"] < computed["rein"]["activations"]
+    assert computed["rein+int8"]["weights"] < 0.7 * computed["rein"]["weights"]  # int8 linears; embeddings, Rein fp32
 
 
 def test_computed_memory_extrapolates_a_deeper_model_exactly():
