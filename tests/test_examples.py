@@ -32,10 +32,9 @@ from train_image_classification import EMBEDDED_DATASET, main  # noqa: E402
 QUICK = ["--max_train_samples", "256", "--max_eval_samples", "64", "--max_steps", "6", "--skip_baseline"]
 
 
-def _run_script(*args: str, launcher: list[str] | None = None, cwd: Path | None = None):
-    command = [*(launcher or [sys.executable]), *args]
+def _launch(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES)}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 @HEAVY
@@ -95,6 +94,15 @@ def test_imagefolder_dataset(tmp_path):
     assert 0.0 <= results["accuracy_after"] <= 1.0 and results["accuracy_reloaded"] == results["accuracy_after"]
 
 
+def _stderr_of_a_refused_run(capsys, *args: str) -> str:
+    """Run the script's `main` in this process (a fresh one adds only the imports) on `args`: it must stop with exit
+    status 2; what it wrote to stderr."""
+    with pytest.raises(SystemExit) as stopped:
+        main(list(args))
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -106,28 +114,21 @@ def test_imagefolder_dataset(tmp_path):
         ),
     ],
 )
-def test_bad_input_gets_one_clear_line(tmp_path, args, message):
-    result = _run_script(str(EXAMPLES / "train_image_classification.py"), "--output_dir", str(tmp_path), *QUICK, *args)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {message}" or message in result.stderr.splitlines()[-1]
+def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, message):
+    stderr = _stderr_of_a_refused_run(capsys, "--output_dir", str(tmp_path), *QUICK, *args)
+    assert stderr.strip().splitlines()[-1] == f"error: {message}" or message in stderr.splitlines()[-1]
 
 
-def test_a_model_rein_cannot_wrap_gets_one_clear_line(tmp_path):
+def test_a_model_rein_cannot_wrap_gets_one_clear_line(tmp_path, capsys):
     EfficientNetModel(EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1)).save_pretrained(
         tmp_path / "efficientnet"
     )
     processor = BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
     processor.save_pretrained(tmp_path / "efficientnet")
-    result = _run_script(
-        str(EXAMPLES / "train_image_classification.py"),
-        *QUICK,
-        "--model_name_or_path",
-        str(tmp_path / "efficientnet"),
-        "--output_dir",
-        str(tmp_path / "out"),
+    stderr = _stderr_of_a_refused_run(
+        capsys, *QUICK, "--model_name_or_path", str(tmp_path / "efficientnet"), "--output_dir", str(tmp_path / "out")
     )
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: Rein found no vision-transformer encoder in EfficientNetForImageClassification")
 
 
@@ -159,7 +160,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, launcher):
         ),
     }
     command, extra = launchers[launcher]
-    result = _run_script(
+    result = _launch(
+        command,
         str(Path(__file__).parent / "ddp_worker.py"),
         str(weights_folder),
         *QUICK,
@@ -167,7 +169,6 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, launcher):
         "--use_cpu",
         "--output_dir",
         str(tmp_path / "out"),
-        launcher=command,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_ranks_agree_and_adapter_loads(weights_folder, tmp_path / "out")
