@@ -418,13 +418,15 @@ def test_hub_server_speaks_what_the_client_needs(hub: str, tmp_path: Path):
 
 
 def test_the_main_job_pushes_its_adapter(hub: str, tmp_path: Path):
-    """examples/train_image_classification.py --push_to_hub uploads the trained adapter, which loads back."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "train_image_classification.py"
+    """examples/train_image_classification.py --push_to_hub uploads the trained adapter, which loads back (its
+    `main` on those flags, in the client process: what `python <script> <flags>` runs)."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
     script = f"""
-        import subprocess
+        sys.path.insert(0, {str(examples)!r})
+        from train_image_classification import main
         flags = ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "2", "--skip_baseline"]
         flags += ["--output_dir", os.path.join(OUT, "run"), "--push_to_hub", "--hub_model_id", "tester/rein-example"]
-        subprocess.run([sys.executable, {str(example)!r}, *flags], check=True, capture_output=True)
+        main(flags)
         weights = safetensors.torch.load_file(hf_hub_download("tester/rein-example", "adapter_model.safetensors"))
         local = safetensors.torch.load_file(os.path.join(OUT, "run", "adapter", "adapter_model.safetensors"))
         report(
