@@ -21,8 +21,8 @@ target styles, checked and printed before the comparison (`evaluation.room_gate`
 first seed run first): the frozen backbone + decoder at least `evaluation.ROOM_MIN_GAP` (10 mIoU) below full
 fine-tuning on the source, with Rein's premise (every style's cosine similarity at least 0.8) still holding on the
 new scenes. Measured on the premise-holding foundation: not met at 500 steps (full fine-tuning 40.6 against frozen
-40.1 mIoU on the source) nor at 2,000 (72.8 against 70.4); docs/domain-generalization.md has the figures. Its run is smaller than `street`'s (`Setting.defaults`) so that both settings fit the
-shared 2-core machine.
+40.1 mIoU on the source) nor at 2,000 (72.8 against 70.4); docs/domain-generalization.md has the figures. Its run
+is smaller than `street`'s (`Setting.defaults`) so that both settings fit the shared 2-core machine.
 """
 
 from __future__ import annotations
