@@ -26,7 +26,8 @@ if ! "$venv/bin/python" -m uv --version >/dev/null 2>&1; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check uv
 fi
 # --compile-bytecode: as pip does, so that imports read .pyc files even where PYTHONDONTWRITEBYTECODE is set (it is on
-# this project's machines: without them every Python process compiles torch, transformers and PEFT again, ~2x slower)
+# this project's machines: without them every Python process compiles torch, transformers and PEFT again; measured,
+# `import rein_peft` takes 46 s instead of 11.5 s)
 uv=("$venv/bin/python" -m uv pip install --quiet --compile-bytecode --python "$venv/bin/python")
 for folder in $("$venv/bin/python" -m pip config get global.find-links 2>/dev/null || true); do
     uv+=(--find-links "$folder")
