@@ -29,7 +29,7 @@ downloaded here, so this script builds a faithful miniature and runs the same pr
 5. Writes a JSON of every number (with `"premise"` and `"premise_gate"`, and the premise during pretraining), a PNG
    chart, a picture of the predictions and one of the styles (matplotlib, from the `bench` extra).
 
-    python benchmarks/domain_generalization.py   # the miniature: 14 min pretraining (cached) + 35 min on 2 CPU cores
+    python benchmarks/domain_generalization.py   # the miniature: 14 min pretraining (cached) + ~1 h on 2 CPU cores
     python benchmarks/domain_generalization.py --quick    # a smoke run of the pipeline (seconds; numbers mean nothing)
     python benchmarks/domain_generalization.py --foundation vicreg   # the same: the foundation with Rein's premise
     python benchmarks/domain_generalization.py --segmenter official   # the official Rein segmenter (Mask2Former)
