@@ -12,6 +12,10 @@
 # to look in (`find-links`, where a machine keeps a CPU build of torch on disk) are passed on to it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 newest=0
 if [ "${1:-}" = "--newest" ]; then
     newest=1
