@@ -159,7 +159,16 @@ def preprocess(splits: datasets.DatasetDict, processor, script: ScriptArguments)
         pixel_values = processor(images=images, return_tensors="np")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": batch[script.label_column]}
 
-    processed = splits.map(to_pixels, batched=True, remove_columns=splits["train"].column_names)
+    # stored as fixed-shape arrays, a batch is read as one tensor; as nested lists (what `map` infers), the torch
+    # format makes a tensor of every number, and reading batches takes most of the training time
+    channels_height_width = to_pixels(splits["train"][:1])["pixel_values"].shape[1:]
+    features = datasets.Features(
+        {
+            "pixel_values": datasets.Array3D(channels_height_width, "float32"),
+            "labels": splits["train"].features[script.label_column],
+        }
+    )
+    processed = splits.map(to_pixels, batched=True, remove_columns=splits["train"].column_names, features=features)
     return processed.with_format("torch")
 
 
