@@ -42,7 +42,18 @@ from dg_miniature.foundations import (  # noqa: E402
 from dg_miniature.methods import METHODS, backbone_of, segmenter, segmenter_config  # noqa: E402
 from dg_miniature.settings import SETTINGS  # noqa: E402
 from dg_miniature.task import miniature_task, pixel_batches  # noqa: E402
-from dg_miniature.world import CLASS_NAMES, SHAPE_STYLES, STYLES, draw_shapes_layout, scenes  # noqa: E402
+from dg_miniature.world import (  # noqa: E402
+    CLASS_NAMES,
+    COLOUR_CLASS_NAMES,
+    COLOUR_STYLES,
+    RECOLOURED,
+    SHAPE_STYLES,
+    STYLES,
+    draw_colours_layout,
+    draw_layout,
+    draw_shapes_layout,
+    scenes,
+)
 
 QUICK = dg.QUICK
 TARGET_STYLES = ["texture", "palette", "noise", "blur", "lighting", "real"]
@@ -56,7 +67,7 @@ QUICK_RUN = pytest.mark.xdist_group("domain_generalization_quick_run")
 class QuickRun:
     folder: Path  # holding the cache ("cache"), the first run's output ("out") and the second's ("again")
     first: str  # stdout of `--quick`, into an empty cache
-    second: str  # stdout of `--quick --setting shapes --methods full frozen --resume`, into the same cache
+    second: str  # stdout of `--quick --setting colours --methods full frozen rein --resume`, into the same cache
 
 
 def _run_quick(cache: Path, output: Path, *flags: str) -> str:
@@ -74,7 +85,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     cache."""
     folder = tmp_path_factory.mktemp("domain_generalization_quick")
     first = _run_quick(folder / "cache", folder / "out")
-    flags = ["--setting", "shapes", "--methods", "full", "frozen", "--resume"]
+    flags = ["--setting", "colours", "--methods", "full", "frozen", "rein", "--resume"]
     return QuickRun(folder, first, _run_quick(folder / "cache", folder / "again", *flags))
 
 
@@ -126,26 +137,29 @@ def test_quick_run_checks_the_premise_first_reports_every_method_and_style_and_c
     assert folder.name == FOLDER_PREFIX + recipe.fingerprint()
     assert json.loads((folder / "recipe.json").read_text())["steps"] == recipe.steps
     assert json.loads((folder / "config.json").read_text())["model_type"] == "dinov2"
-    # the second setting, on the same foundation (not rebuilt): the room gate once the first seed's frozen and full
-    # fine-tuning runs are made (they run first, whatever the order of --methods: `run_order`); --resume writes the
-    # JSON after every run (nothing to keep in a new folder)
+    # a setting with a room gate, on the same foundation (not rebuilt): the gate once the first seed's frozen and full
+    # fine-tuning runs are made (they run first, whatever the order of --methods: `run_order`), the comparison only
+    # if it is met; --resume writes the JSON after every run (nothing to keep in a new folder)
     out = quick_run.second
     assert "building the foundation backbone" not in out
     assert (
         out.index("frozen backbone + decoder, seed 0") < out.index("full fine-tuning, seed 0") < out.index("room gate")
     )
-    shapes = json.loads((tmp_path / "again" / "domain_generalization_vicreg_shapes_quick.json").read_text())
-    assert shapes["setting"] == "shapes" and shapes["class_names"] == [*CLASS_NAMES, "conifer", "van"]
-    assert shapes["settings"]["decoder_channels"] == SETTINGS["shapes"].defaults["decoder_channels"]
-    assert list(shapes["summary"]) == ["full", "frozen"] and shapes["summary"]["full"]["seeds"] == [0]
-    source = {run["method"]: run["source_miou"] for run in shapes["runs"]}
-    room = shapes["room_gate"]
+    colours = json.loads((tmp_path / "again" / "domain_generalization_vicreg_colours_quick.json").read_text())
+    assert colours["setting"] == "colours" and colours["class_names"] == list(COLOUR_CLASS_NAMES)
+    assert colours["settings"]["decoder_channels"] == SETTINGS["colours"].defaults["decoder_channels"]
+    assert colours["summary"]["full"]["seeds"] == [0]
+    source = {run["method"]: run["source_miou"] for run in colours["runs"]}
+    room = colours["room_gate"]
     assert room["gap"] == pytest.approx(source["full"] - source["frozen"]) and room["min_gap"] == ROOM_MIN_GAP
-    assert room["lowest_cosine"] == pytest.approx(min(shapes["premise"].values()))
+    assert room["lowest_cosine"] == pytest.approx(min(colours["premise"].values()))
     assert room["met"] == (room["gap"] >= ROOM_MIN_GAP and room["lowest_cosine"] >= PREMISE_MIN_COSINE)
+    compared = ["full", "frozen", "rein"] if room["met"] else ["full", "frozen"]  # a gate not met stops the rest
+    assert list(colours["summary"]) == compared
+    assert ("the comparison stops here" in out) == (not room["met"])
     # the street setting's bar against collapse (the frozen backbone's source mIoU at least 85) is not this one's
-    assert shapes["premise_gate"]["min_source_miou"] is None and shapes["premise_gate"]["source_miou_met"] is None
-    assert (tmp_path / "again" / "domain_generalization_vicreg_shapes_quick_predictions.png").stat().st_size > 0
+    assert colours["premise_gate"]["min_source_miou"] is None and colours["premise_gate"]["source_miou_met"] is None
+    assert (tmp_path / "again" / "domain_generalization_vicreg_colours_quick_predictions.png").stat().st_size > 0
     assert results["setting"] == "street" and results["room_gate"] is None
 
 
@@ -211,6 +225,9 @@ def test_feature_similarity_is_one_for_the_same_images_and_lower_across_styles(t
     BitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path)
     task = miniature_task(train_images=4, eval_images=6, side=32)
     config = segmenter_config(str(tmp_path), task, decoder_channels=16)
+    deepest = segmenter_config(str(tmp_path), task, decoder_channels=16, deepest_layer_only=True)
+    assert config.backbone_config.out_features == ["stage1", "stage2"]  # 4 evenly spaced layers of 2: both
+    assert deepest.backbone_config.out_features == ["stage2"]
     processor = BitImageProcessorPil.from_pretrained(tmp_path)
     source, palette = (
         pixel_batches(split, processor, 32, config)[:]["pixel_values"]
@@ -281,6 +298,23 @@ def test_the_shapes_setting_adds_look_alike_classes_to_the_same_streets():
     assert np.array_equal(first[kept], np.asarray(street["label"][0])[kept]) and not kept.all()
     for style in SHAPE_STYLES.values():
         assert style.colors[-2:] == (style.colors[3], style.colors[4]) and len(style.textures) == len(style.colors)
+
+
+def test_the_colours_setting_splits_classes_by_colour_alone():
+    """Buildings, trees and vehicles turned into their twin classes, the same layouts, each twin in a color of its own
+    in every style and in its look-alike's texture."""
+    street, colours = draw_layout(np.random.default_rng(3), 64), draw_colours_layout(np.random.default_rng(3), 64)
+    assert np.array_equal(colours.instances, street.instances)
+    twins = {like: len(CLASS_NAMES) + index for index, like in enumerate(RECOLOURED)}
+    for base, recoloured in zip(street.instance_classes, colours.instance_classes, strict=True):
+        assert recoloured in (base, twins.get(base, base))
+    labels = np.stack(
+        [np.asarray(label) for label in scenes(COLOUR_STYLES["real"], 6, 4, 64, draw=draw_colours_layout)["label"]]
+    )
+    assert set(np.unique(labels)) == set(range(len(COLOUR_CLASS_NAMES)))
+    for style in COLOUR_STYLES.values():
+        assert None not in style.colors and len(set(style.colors)) == len(COLOUR_CLASS_NAMES)
+        assert style.textures[len(CLASS_NAMES) :] == tuple(style.textures[like] for like in RECOLOURED)
 
 
 def test_the_cache_is_named_by_the_recipe():

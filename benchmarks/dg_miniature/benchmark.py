@@ -143,7 +143,12 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         task, source_name = user_task(args), args.source
     processor = AutoImageProcessor.from_pretrained(backbone_path)
     config = segmenter_config(
-        backbone_path, task, args.decoder_channels, args.segmenter == "official", miniature=args.backbone is None
+        backbone_path,
+        task,
+        args.decoder_channels,
+        args.segmenter == "official",
+        miniature=args.backbone is None,
+        deepest_layer_only=setting.deepest_layer_only and args.source is None,
     )
     data = {
         "train": pixel_batches(task.train, processor, side, config),
@@ -223,6 +228,10 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
             room = room_gate(premise, *(first_seed_source(runs, name, first) for name in ROOM_METHODS))
             if room["met"] is not None:  # both runs made: before the comparison
                 report.print_room_gate(room)
+        if room is not None and room["met"] is False:  # not a setting with room: no comparison in it
+            print("The setting leaves no room in-domain: the comparison stops here.", flush=True)
+            runs = {**kept, **runs}  # --resume: the JSON keeps the runs not reached
+            break
         if args.resume:  # every run made is kept at once, with those not reached yet: an interruption loses one run
             report.write_json(assemble({**kept, **runs}), args)
     return assemble(runs), pictures

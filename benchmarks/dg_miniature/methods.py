@@ -11,7 +11,7 @@ import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import Dinov2Backbone, Mask2FormerConfig, UperNetConfig, UperNetForSemanticSegmentation
+from transformers import Dinov2Backbone, Dinov2Config, Mask2FormerConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 import rein_peft
 from rein_peft.official import protocol
@@ -49,17 +49,28 @@ MINIATURE_OFFICIAL_DECODER = {
 
 
 def segmenter_config(
-    backbone_path: str, task: Task, decoder_channels: int, official: bool = False, miniature: bool = True
+    backbone_path: str,
+    task: Task,
+    decoder_channels: int,
+    official: bool = False,
+    miniature: bool = True,
+    deepest_layer_only: bool = False,
 ) -> UperNetConfig | Mask2FormerConfig:
-    """UperNet over a `Dinov2Backbone` shaped like the checkpoint, fed by the outputs of 4 evenly spaced layers
-    without the final norm, as the official Rein features are taken; or (`official`) the official Rein segmenter,
-    its decoder `decoder_channels` wide and shallower on the `miniature` backbone."""
+    """UperNet over a `Dinov2Backbone` shaped like the checkpoint, fed by the outputs of 4 evenly spaced layers (or
+    of the deepest alone) without the final norm, as the official Rein features are taken; or (`official`) the
+    official Rein segmenter, its decoder `decoder_channels` wide and shallower on the `miniature` backbone."""
+    if official and deepest_layer_only:
+        raise SystemExit(
+            "The official segmenter reads its fixed pyramid of 4 layers; this setting needs --segmenter "
+            "upernet (its decoder reads the deepest layer only)."
+        )
     if official:
         widths = {"hidden_dim": decoder_channels}  # the feed-forward widths follow at the official ratios
         scaled_down = {**MINIATURE_OFFICIAL_DECODER, **widths} if miniature else {}
         labels = {"id2label": dict(enumerate(task.class_names))} if task.class_names else {}
         return rein_peft.official_segmenter_config(backbone_path, task.num_labels, **labels, **scaled_down)
-    backbone_config = protocol.dinov2_backbone_config(backbone_path)
+    deepest = [Dinov2Config.from_pretrained(backbone_path).num_hidden_layers] if deepest_layer_only else None
+    backbone_config = protocol.dinov2_backbone_config(backbone_path, out_indices=deepest)
     return protocol.segmenter_config(
         "upernet", backbone_config, task.num_labels, task.class_names, hidden_size=decoder_channels
     )

@@ -130,9 +130,11 @@ def _percent(figure: dict) -> str:
     return f"{100 * figure['mean']:.1f} ± {100 * figure['std']:.1f}"
 
 
-# per class: sky, building, road, vegetation, vehicle, then the shapes setting's conifer and van
+# per class: sky, building, road, vegetation, vehicle, then the shapes setting's conifer and van (the colours
+# setting's glass building and autumn tree), the colours setting's blue vehicle
 LABEL_COLORS = np.array(
-    [[70, 130, 240], [150, 140, 120], [80, 80, 80], [40, 160, 40], [220, 30, 30], [20, 90, 60], [240, 150, 30]],
+    [[70, 130, 240], [150, 140, 120], [80, 80, 80], [40, 160, 40], [220, 30, 30], [20, 90, 60], [240, 150, 30]]
+    + [[30, 50, 200]],
     np.uint8,
 )
 

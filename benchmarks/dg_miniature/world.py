@@ -140,6 +140,45 @@ def draw_shapes_layout(rng: np.random.Generator, side: int) -> Layout:
     return Layout(np.asarray(instance_classes)[instances].astype(np.uint8), instances, instance_classes)
 
 
+# the colours setting: the same streets with three classes each split in two that differ by colour alone (same shapes,
+# places and textures): a bluish glass building beside the building, an autumn tree beside the green one, a blue
+# vehicle beside the red one. The foundation is pretrained to give a scene the same features in any colours
+# (`random_style`), so its deepest features are where such classes should be lost and a fine-tuned backbone not.
+COLOUR_CLASS_NAMES = (*CLASS_NAMES, "glass building", "autumn tree", "blue vehicle")
+RECOLOURED = (BUILDING, VEGETATION, VEHICLE)  # the class each new class is drawn like, in its own colour
+REAL_VEHICLE_COLOR = (0.6, 0.12, 0.1)  # the real palette's vehicles take random colours: here one, kept apart
+TWIN_COLORS = {  # per palette, the new classes' colours in `RECOLOURED` order
+    SYNTHETIC_COLORS: ((0.4, 0.48, 0.72), (0.88, 0.55, 0.1), (0.12, 0.25, 0.85)),
+    REAL_COLORS: ((0.42, 0.5, 0.6), (0.62, 0.42, 0.12), (0.14, 0.2, 0.52)),
+}
+
+
+def with_colour_twins(style: Style) -> Style:
+    """`style` (of one of `TWIN_COLORS`' palettes) with the colours setting's classes: each new class in its twin
+    color and in its look-alike's texture; vehicles in one color where the palette leaves them random."""
+    base = tuple(REAL_VEHICLE_COLOR if color is None else color for color in style.colors)
+    return replace(
+        style,
+        colors=base + TWIN_COLORS[style.colors],
+        textures=style.textures + tuple(style.textures[like] for like in RECOLOURED),
+    )
+
+
+COLOUR_STYLES = {name: with_colour_twins(style) for name, style in STYLES.items()}
+
+
+def draw_colours_layout(rng: np.random.Generator, side: int) -> Layout:
+    """`draw_layout`'s street, each building, tree and vehicle turned into its twin class with probability 1/2."""
+    street = draw_layout(rng, side)
+    flips = rng.random(len(street.instance_classes)) < 0.5
+    twin = {like: len(CLASS_NAMES) + index for index, like in enumerate(RECOLOURED)}
+    instance_classes = tuple(
+        twin[class_id] if class_id in twin and flip else class_id
+        for class_id, flip in zip(street.instance_classes, flips, strict=True)
+    )
+    return Layout(np.asarray(instance_classes)[street.instances].astype(np.uint8), street.instances, instance_classes)
+
+
 def texture_field(kind: str, rng: np.random.Generator, side: int) -> np.ndarray:
     """A `[H, W]` pattern in about [-1, 1]."""
     rows, cols = np.mgrid[0:side, 0:side] / side
