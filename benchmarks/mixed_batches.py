@@ -51,7 +51,8 @@ def mixed_batch(setting: Setting, num_adapters: int, args: argparse.Namespace) -
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line (`argv`, default `sys.argv`), measures, prints and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="B@224x16", help="size@resolution x batch, e.g. B@224x16")
     parser.add_argument("--adapters", type=int, default=4)
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     setting = Setting.parse(args.config)
     result = {"machine": machine(args.device), "dtype": args.dtype, **mixed_batch(setting, args.adapters, args)}

@@ -351,7 +351,8 @@ def machine(device: str) -> dict:
     return info
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line (`argv`, default `sys.argv`), measures, prints and writes the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--configs",
@@ -368,7 +369,7 @@ def main() -> None:
     parser.add_argument("--sweep-resolutions", type=int, nargs="+", default=[224, 320, 384, 512])
     parser.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     require("matplotlib", purpose="The overhead chart")  # before hours of measuring
     results = {"machine": machine(args.device), "dtype": args.dtype, "device": args.device, "settings": []}

@@ -29,26 +29,21 @@ def test_convnext_flop_model_counts_convnext_t():
     assert base == pytest.approx(4.45e9, rel=0.01) and rein_input == pytest.approx(0.949e9, rel=0.01)
 
 
+# the command lines of the benchmarks below run in this process (`main(argv)`): a fresh Python would only add seconds
+# of imports (each script's `__main__` only calls `main`; tests/test_command_lines.py runs them as `__main__`)
+
+
 @HEAVY
-def test_benchmark_runs_and_writes_json_and_png(tmp_path):
-    command = [
-        sys.executable,
-        str(BENCHMARKS / "overhead.py"),
-        "--configs",
-        "S@32x2",
-        "CNX-T@32x2",
-        "--repeats",
-        "1",
-        "--inference-repeats",
-        "1",
-    ]
-    command += ["--warmup", "0", "--sweep-resolutions", "32", "48", "--sweep-batches", "1", "2"]
-    result = subprocess.run([*command, "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "FLOP-model bounds for Rein" in result.stdout
+def test_benchmark_runs_and_writes_json_and_png(tmp_path, capsys):
+    import overhead
+
+    argv = ["--configs", "S@32x2", "CNX-T@32x2", "--repeats", "1", "--inference-repeats", "1", "--warmup", "0"]
+    overhead.main([*argv, "--sweep-resolutions", "32", "48", "--sweep-batches", "1", "2", "--output", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert "FLOP-model bounds for Rein" in stdout
     results = json.loads((tmp_path / "overhead_cpu_float32.json").read_text())
     assert [setting["setting"]["size"] for setting in results["settings"]] == ["S", "CNX-T"]
-    assert "ConvNeXt-T 32px batch 2" in result.stdout
+    assert "ConvNeXt-T 32px batch 2" in stdout
     for setting in results["settings"]:
         methods = setting["methods"]
         assert set(methods) == {"bare", "rein", "rein_lora16", "lora16", "full"}
@@ -57,12 +52,11 @@ def test_benchmark_runs_and_writes_json_and_png(tmp_path):
     assert len(results["sweep"]) == 3 and (tmp_path / "overhead_cpu_float32.png").stat().st_size > 0
 
 
-def test_mixed_batch_benchmark_runs_and_writes_json(tmp_path):
-    command = [sys.executable, str(BENCHMARKS / "mixed_batches.py"), "--config", "S@32x8", "--repeats", "1"]
-    command += ["--warmup", "0", "--output", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "a batch mixing 4 Rein adapters costs" in result.stdout
+def test_mixed_batch_benchmark_runs_and_writes_json(tmp_path, capsys):
+    import mixed_batches
+
+    mixed_batches.main(["--config", "S@32x8", "--repeats", "1", "--warmup", "0", "--output", str(tmp_path)])
+    assert "a batch mixing 4 Rein adapters costs" in capsys.readouterr().out
     results = json.loads((tmp_path / "mixed_batches_cpu_float32.json").read_text())
     assert results["num_adapters"] == 4 and set(results["seconds"]) == {"bare", "one", "mixed"}
     assert results["mixed_over_one"] > 0
