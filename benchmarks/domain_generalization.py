@@ -34,7 +34,7 @@ downloaded here, so this script builds a faithful miniature and runs the same pr
     python benchmarks/domain_generalization.py --foundation vicreg   # the same: the foundation with Rein's premise
     python benchmarks/domain_generalization.py --segmenter official   # the official Rein segmenter (Mask2Former)
     python benchmarks/domain_generalization.py --setting shapes   # a candidate source task with room in-domain
-    python benchmarks/domain_generalization.py --setting colours  # another (neither has passed its gate)
+    python benchmarks/domain_generalization.py --setting colours  # another (none has passed its gate)
     python benchmarks/domain_generalization.py --resume   # keep the runs already written, make the missing ones
     python benchmarks/domain_generalization.py --backbone facebook/dinov2-small --device cuda \\
         --image_size 224 --source ./gtav --target cityscapes=./cityscapes --target bdd=./bdd100k --num_labels 19
@@ -51,12 +51,12 @@ collapse): the miniature in which Rein's premise holds.
 
 `--setting` picks the miniature's source task on that foundation (`dg_miniature.settings`): `street` (the default,
 5 classes every method learns to 88-89 mIoU), `shapes` (two more classes told apart from two others by shape
-alone, and a narrower decoder) or `colours` (three classes split in two by colour alone, a narrower decoder on the
-deepest layer only), candidates for a task on which the frozen backbone leaves room in-domain: their gate (full
-fine-tuning at least 10 mIoU above the frozen backbone + decoder on the source, the premise still at least 0.8 on
-every style) is checked and printed before the comparison, which stops there if it is not met. `--resume` keeps the
-runs already in the results JSON that were made with the same settings and foundation, runs the missing ones, and
-rewrites the JSON after each run.
+alone, and a narrower decoder), `shapes_deepest` (the same, that decoder on the deepest layer only) or `colours`
+(three classes split in two by colour alone, a narrower decoder on the deepest layer only), candidates for a task
+on which the frozen backbone leaves room in-domain: their gate (full fine-tuning at least 10 mIoU above the frozen
+backbone + decoder on the source, the premise still at least 0.8 on every style) is checked and printed before the
+comparison, which stops there if it is not met. `--resume` keeps the runs already in the results JSON that were
+made with the same settings and foundation, runs the missing ones, and rewrites the JSON after each run.
 
 The earlier masked-image-modelling foundations (`mae`, `mae+invariance`) were retired (docs/domain-generalization.md).
 The parts are the package `benchmarks/dg_miniature/`.
