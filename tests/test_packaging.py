@@ -27,14 +27,13 @@ def _run(command: list[str], **kwargs) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    """The wheel (pip, isolated build) and the sdist (pyproject.toml's own backend, setuptools>=77, installed apart)
-    built from this checkout."""
+    """The wheel and the sdist built from this checkout by pyproject.toml's own backend (setuptools>=77, installed
+    apart, as a build front end installs it into its isolated environment)."""
     folder = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(folder), str(REPO)])
     backend = folder / "backend"
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(backend), "setuptools>=77"])
-    build_sdist = f"from setuptools import build_meta; build_meta.build_sdist({str(folder)!r})"
-    _run([sys.executable, "-c", build_sdist], cwd=REPO, env={**os.environ, "PYTHONPATH": str(backend)})
+    build = f"from setuptools import build_meta as m; m.build_wheel({str(folder)!r}); m.build_sdist({str(folder)!r})"
+    _run([sys.executable, "-c", build], cwd=REPO, env={**os.environ, "PYTHONPATH": str(backend)})
     return folder
 
 
