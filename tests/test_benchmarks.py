@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -63,13 +62,15 @@ def test_mixed_batch_benchmark_runs_and_writes_json(tmp_path, capsys):
 
 
 @HEAVY
-def test_memory_benchmark_measures_in_fresh_processes_and_labels_every_figure(tmp_path):
-    # one backbone, the plain and the int8 method (each measured in a fresh process of its own); 128 px instead of
-    # the default 512. The computed figures of every row are checked in-process below
-    command = [sys.executable, str(BENCHMARKS / "memory.py"), "--quick", "--steps", "1", "--resolution", "128"]
-    command += ["--backbones", "mini-DINOv2", "--methods", "rein", "rein+int8", "--output", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_memory_benchmark_measures_in_fresh_processes_and_labels_every_figure(tmp_path, capsys):
+    # one backbone, the plain and the int8 method (each measured in a fresh process of its own, which the command
+    # line, run here, starts); 128 px instead of the default 512. The computed figures of every row are checked
+    # in-process below
+    import memory
+
+    argv = ["--quick", "--steps", "1", "--resolution", "128", "--backbones", "mini-DINOv2"]
+    memory.main([*argv, "--methods", "rein", "rein+int8", "--output", str(tmp_path)])
+    stdout = capsys.readouterr().out
     results = json.loads((tmp_path / "memory_cpu_float32_quick.json").read_text())
     assert [(row["backbone"], row["method"]) for row in results["rows"]] == [
         ("mini-DINOv2", "rein"),
@@ -78,7 +79,7 @@ def test_memory_benchmark_measures_in_fresh_processes_and_labels_every_figure(tm
     assert (tmp_path / "memory_cpu_float32_quick.png").stat().st_size > 0
     for row in results["rows"]:
         assert row["measured_peak_gib"] > 0 and row["measured_step_s"] > 0 and row["computed_step_s"] > 0
-        assert f"{row['measured_peak_gib']:9.2f}  measured" in result.stdout
+        assert f"{row['measured_peak_gib']:9.2f}  measured" in stdout
 
 
 def test_memory_benchmark_refuses_an_unknown_backbone(capsys):
