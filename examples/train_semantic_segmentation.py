@@ -224,7 +224,9 @@ def preprocess(
 ) -> datasets.DatasetDict:
     """Images of any size: resized to `side` x `side` and normalised by the checkpoint's processor; label maps resized
     with nearest neighbour, which keeps them class ids, and checked against the model's classes and ignore index."""
-    to_tensors = protocol.resize_transform(processor, side, model_config, script.image_column, script.label_column)
+    to_arrays = protocol.resize_transform(
+        processor, side, model_config, script.image_column, script.label_column, return_tensors="np"
+    )
     # stored as fixed-shape arrays, a batch is read as one tensor; as nested lists (what `map` infers), the torch
     # format makes a tensor of every number, and reading batches takes most of the training time
     features = datasets.Features(
@@ -233,10 +235,6 @@ def preprocess(
             "labels": datasets.Array2D((side, side), "int64"),
         }
     )
-
-    def to_arrays(batch: dict) -> dict:  # array features are written from numpy arrays
-        return {name: tensor.numpy() for name, tensor in to_tensors(batch).items()}
-
     try:
         processed = splits.map(to_arrays, batched=True, remove_columns=splits["train"].column_names, features=features)
     except ValueError as error:  # label maps that disagree with the model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -452,6 +453,27 @@ def test_label_maps_with_the_models_ignore_index_pass():
     check_label_maps(torch.tensor([[0, 1], [2, LABELS - 1]]), config)
     with pytest.raises(ValueError, match="ignores 0"):
         check_label_maps(torch.tensor([[255]]), config)
+
+
+def test_resize_transform_reads_the_same_inputs_as_numpy_arrays_for_map():
+    from PIL import Image
+
+    from rein_peft.official.protocol import resize_transform
+
+    config, processor = tiny_upernet().config, tf.BitImageProcessorPil()
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) for _ in range(2)],
+        "label": [Image.fromarray(rng.integers(0, LABELS, (20, 30), dtype=np.uint8)) for _ in range(2)],
+    }
+    tensors = resize_transform(processor, 16, config)(batch)
+    arrays = resize_transform(processor, 16, config, return_tensors="np")(batch)
+    assert arrays["pixel_values"].shape == (2, 3, 16, 16) and arrays["pixel_values"].dtype == np.float32
+    assert arrays["labels"].shape == (2, 16, 16) and arrays["labels"].dtype == np.int64
+    for name, tensor in tensors.items():
+        assert isinstance(arrays[name], np.ndarray) and np.array_equal(arrays[name], tensor.numpy())
+    with pytest.raises(ValueError, match='return_tensors must be "pt" or "np"'):
+        resize_transform(processor, 16, config, return_tensors="tf")
 
 
 # --- transformers' own adapter API -----------------------------------------------------------------------------------

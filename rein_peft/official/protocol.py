@@ -105,13 +105,16 @@ def segmenter_config(
 
 
 def resize_transform(
-    processor, side: int, config: PretrainedConfig, image_column: str = "image", label_column="label"
+    processor,
+    side: int,
+    config: PretrainedConfig,
+    image_column: str = "image",
+    label_column: str = "label",
+    return_tensors: str = "pt",
 ):
     """A batch transform (for `Dataset.map(batched=True)` or `with_transform`) that reads images and label maps as
     model inputs: images resized to `side` x `side` and normalised by the backbone's image processor, label maps
-    resized with nearest neighbour (which keeps them class ids) and checked against the model's classes. With `map`,
-    give the output fixed-shape features (`datasets.Array3D` / `Array2D`, from numpy arrays) as
-    examples/train_semantic_segmentation.py does: stored as nested lists, batches read ~10x slower.
+    resized with nearest neighbour (which keeps them class ids) and checked against the model's classes.
 
     Args:
         processor: The backbone's image processor (its normalisation is used, not its resizing).
@@ -119,8 +122,15 @@ def resize_transform(
         config: The segmenter's config (classes and ignore index, for `check_label_maps`).
         image_column: The column of images.
         label_column: The column of label maps (images).
+        return_tensors: `"pt"` (torch tensors, for `with_transform`) or `"np"` (numpy arrays, for `map`, which writes
+            them under fixed-shape features: `datasets.Array3D((3, side, side), "float32")` for `pixel_values` and
+            `datasets.Array2D((side, side), "int64")` for `labels`; stored as the nested lists `map` infers instead,
+            batches read ~10x slower in the torch format).
     """
     from PIL import Image
+
+    if return_tensors not in ("pt", "np"):
+        raise ValueError(f'return_tensors must be "pt" or "np", got {return_tensors!r}.')
 
     def transform(batch: dict) -> dict:
         images = [image.convert("RGB").resize((side, side), Image.BILINEAR) for image in batch[image_column]]
@@ -129,7 +139,8 @@ def resize_transform(
             np.stack([np.asarray(label.resize((side, side), Image.NEAREST)) for label in batch[label_column]])
         ).long()
         check_label_maps(labels, config)
-        return {"pixel_values": pixel_values["pixel_values"], "labels": labels}
+        inputs = {"pixel_values": pixel_values["pixel_values"], "labels": labels}
+        return inputs if return_tensors == "pt" else {name: tensor.numpy() for name, tensor in inputs.items()}
 
     return transform
 
